@@ -1,0 +1,1 @@
+"""ringserve's serving side: Ray Serve deployments, OpenAI-shaped API, CLI."""

@@ -1,0 +1,1 @@
+"""Cluster bring-up: Serve config YAML, Ray start scripts, Prometheus and Grafana provisioning."""

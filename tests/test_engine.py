@@ -1,0 +1,163 @@
+"""Engine: rolling cache exactness, greedy equality with transformers, batching, sampling."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.engine import Engine, EngineRequestError
+from model.engine_args import EngineArgs
+from model.kv_cache import CacheGeometry, KVCachePool
+from model.requests import GenerationRequest
+from model.sampling_params import SamplingParams
+from model.transformer import SequenceChunk, Transformer
+from model.weights import load_weights
+from tests.checkpoints import make_tiny_hf_checkpoint
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="module")
+def swa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("swa"), model_type="mistral",
+                                   sliding_window=WINDOW, hidden_size=256,
+                                   intermediate_size=512, num_layers=4, num_heads=8,
+                                   num_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def hf_model(swa_checkpoint: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(swa_checkpoint, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def engine(swa_checkpoint: Path) -> Engine:
+    return Engine.from_args(EngineArgs(model=str(swa_checkpoint), max_model_len=256,
+                                       max_num_seqs=16, max_num_batched_tokens=64,
+                                       prefill_chunk=24, progress=False))
+
+
+def prompt(n: int, seed: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randint(3, 32000, (n,), generator=gen).tolist())
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def test_rolling_cache_logits_equal_full_windowed_forward(swa_checkpoint: Path, hf_model) -> None:
+    loaded = load_weights(swa_checkpoint, progress=False)
+    model = Transformer.from_tensors(loaded.config, loaded.tensors)
+    pool = KVCachePool(CacheGeometry.for_model(loaded.config, 512, torch.float32), 2,
+                       torch.float32)
+    assert pool.k[0].shape[2] == WINDOW  # a slot never holds more than W positions
+    tokens = list(prompt(40, 1))
+    step_logits = []
+    for start in range(0, 40, 12):  # chunked prefill: 12, 12, 12, 4 tokens
+        count = min(12, 40 - start)
+        ids = torch.tensor(tokens[start:start + count])
+        step_logits.append(model(ids, [SequenceChunk(1, start, count)], pool, all_logits=True))
+    for _ in range(60):  # 60 decode steps wrap the 16-row buffer several times
+        next_id = int(step_logits[-1][-1].argmax())
+        tokens.append(next_id)
+        step_logits.append(model(torch.tensor([next_id]),
+                                 [SequenceChunk(1, len(tokens) - 1, 1)], pool))
+    ours = torch.cat(step_logits)  # [100, V]
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens)[None]).logits[0]  # explicit sliding-window mask
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_len", [10, 40])
+def test_greedy_equals_transformers_generate(engine: Engine, hf_model, prompt_len: int) -> None:
+    ids = prompt(prompt_len, prompt_len)
+    (choice,) = engine.run_to_completion([GenerationRequest("g", ids, greedy(50))])
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=50, do_sample=False)
+    assert list(choice.token_ids) == ref[0, prompt_len:].tolist()
+    assert choice.finish_reason == "length"
+
+
+def test_batch_equals_each_request_alone(engine: Engine) -> None:
+    requests = [GenerationRequest(f"r{i}", prompt(5 + 7 * i, 100 + i), greedy(12 + i))
+                for i in range(16)]
+    together = engine.run_to_completion(requests)
+    alone = [engine.run_to_completion([r])[0] for r in requests]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [len(c.token_ids) for c in together] == [12 + i for i in range(16)]
+
+
+def test_same_seed_same_output_whatever_the_batch(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    target = GenerationRequest("seeded", prompt(9, 5), params)
+    alone = engine.run_to_completion([target])[0]
+    noise = [GenerationRequest(f"n{i}", prompt(6 + i, 50 + i),
+                               SamplingParams(max_tokens=15, temperature=1.2, ignore_eos=True))
+             for i in range(5)]
+    in_batch = engine.run_to_completion(noise[:2] + [target] + noise[2:])[2]
+    assert in_batch.token_ids == alone.token_ids
+    other_seed = engine.run_to_completion([GenerationRequest(
+        "seeded", target.prompt_token_ids, SamplingParams(
+            max_tokens=20, temperature=1.0, top_p=0.9, seed=8, ignore_eos=True))])[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_stop_string_cuts_exactly(engine: Engine) -> None:
+    ids = prompt(12, 9)
+    full = engine.run_to_completion([GenerationRequest("s", ids, greedy(40))])[0]
+    assert len(full.text) > 20
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    expected = full.text[:full.text.find(stop)]
+    cut = engine.run_to_completion([GenerationRequest("s", ids, greedy(40, stop=(stop,)))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == expected
+    assert stop not in cut.text
+
+
+def test_n_choices_are_sampled_independently(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=10, temperature=1.0, n=3, seed=3, ignore_eos=True)
+    choices = engine.run_to_completion([GenerationRequest("multi", prompt(8, 2), params)])
+    assert [c.index for c in choices] == [0, 1, 2]
+    assert all(len(c.token_ids) == 10 for c in choices)
+    assert len({c.token_ids for c in choices}) == 3
+
+
+def test_request_over_the_limit_is_refused_before_taking_a_slot(engine: Engine) -> None:
+    free = engine.cache.allocator.num_free
+    with pytest.raises(EngineRequestError, match="exceeds the model's limit of 256"):
+        engine.add(GenerationRequest("big", prompt(250, 0), greedy(10)))
+    with pytest.raises(EngineRequestError, match="empty"):
+        engine.add(GenerationRequest("empty", (), greedy(10)))
+    assert engine.cache.allocator.num_free == free
+    assert not engine.scheduler.has_work
+
+
+def test_streaming_and_cancel_free_the_slot_within_one_step(engine: Engine) -> None:
+    async def scenario() -> tuple[list[str], int, int]:
+        total = engine.cache.num_slots
+        texts = []
+        stream = engine.generate(GenerationRequest("stream", prompt(6, 4), greedy(200)))
+        async for chunk in stream:
+            texts.append(chunk.text)
+            if len(texts) == 3:
+                break
+        await stream.aclose()
+        busy = engine.stats().free_slots
+        # one more step of any request is enough for the abort to free the slot
+        async for _ in engine.generate(GenerationRequest("next", prompt(4, 3), greedy(1))):
+            pass
+        return texts, busy, engine.stats().free_slots - total
+
+    texts, _, leaked = asyncio.run(scenario())
+    assert len(texts) == 3
+    assert leaked == 0

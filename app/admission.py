@@ -1,0 +1,239 @@
+"""Admission control: where each request goes, or why it is refused (pure Python, no Ray).
+
+The router keeps a :class:`LoadBoard`: the latest load each replica reported (polled every
+``stats_interval_s``) plus the requests this router sent it since that poll, which the report
+cannot contain yet. From that estimate it predicts how long a new request would queue::
+
+    slots_short = max(0, waiting_seqs + n - free_slots)     # sequences that must wait for a slot
+    queued_tokens = waiting_tokens + slots_short * seq_tokens
+    predicted_wait = queued_tokens / drain_rate
+
+``waiting_tokens`` are prompt tokens not yet prefilled; a sequence that finds no free slot waits
+for a running one to finish, which takes about ``seq_tokens`` (the measured mean tokens of a
+finished sequence, prompt + output) of the replica's work; ``drain_rate`` is the replica's
+measured tokens/s. Worked example: 4 slots all busy, 2 sequences waiting with 60 prompt tokens,
+sequences average 100 tokens, replica drains 200 tokens/s; a new n=1 request finds
+slots_short = 2 + 1 - 0 = 3, queued_tokens = 60 + 300 = 360, predicted_wait = 1.8 s.
+
+A request goes to the replica with the smallest predicted wait (ties: more free slots, then
+fewer running sequences), so an idle replica always wins over one with a queue. It is shed
+(429) when on every healthy replica either the wait exceeds ``max_queue_wait_s`` or the
+sequences short of a slot would exceed ``max_waiting`` ("queue full"). ``Retry-After`` is the
+time the best replica needs, at its measured drain rate, to drain the excess:
+``(predicted_wait - max_queue_wait_s)`` or ``excess_seqs * seq_tokens / drain_rate``, rounded
+up to whole seconds (at least 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ReplicaSnapshot:
+    """One replica's load as it reported it (the engine's EngineStats plus who it is)."""
+
+    replica_id: str
+    waiting_requests: int
+    waiting_tokens: int
+    running_sequences: int
+    free_slots: int
+    total_slots: int
+    tokens_per_s: float
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    """A replica's load as the router believes it now (snapshot + unreported dispatches)."""
+
+    replica_id: str
+    waiting_seqs: int
+    waiting_tokens: int
+    running_seqs: int
+    free_slots: int
+    total_slots: int
+    drain_rate: float  # tokens/s, measured (or the prior until measured)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    replica_id: str
+    predicted_wait_s: float
+
+
+@dataclass(frozen=True)
+class Shed:
+    reason: str  # "queue_full" | "queue_wait"
+    retry_after_s: int
+    predicted_wait_s: float
+    message: str
+
+
+@dataclass(frozen=True)
+class NoReplica:
+    message: str
+
+
+Admission = Accepted | Shed | NoReplica
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """The shedding knobs (see AppConfig)."""
+
+    max_queue_wait_s: float = 10.0
+    max_waiting: int | None = None  # queued sequences per replica; None: the replica's slots
+    default_tokens_per_s: float = 50.0
+
+
+@dataclass
+class _Sent:
+    replica_id: str
+    seqs: int
+    prompt_tokens: int  # for all n sequences
+    sent_at: float | None = None  # None while still in the router's batch window
+
+
+@dataclass
+class _Replica:
+    snapshot: ReplicaSnapshot | None = None
+    polled_at: float = -math.inf  # when the poll that produced `snapshot` was sent
+    unreachable: bool = False
+
+
+@dataclass
+class LoadBoard:
+    """Per-replica load estimates and the admission decision over them."""
+
+    limits: AdmissionLimits = field(default_factory=AdmissionLimits)
+    seq_tokens_prior: float = 64.0
+    _replicas: dict[str, _Replica] = field(default_factory=dict)
+    _sent: dict[str, _Sent] = field(default_factory=dict)  # request id -> where it went
+    _seq_tokens: float | None = None  # EMA of finished sequences' prompt + output tokens
+
+    # Membership and reports -------------------------------------------------------------
+    def set_replicas(self, replica_ids: Iterable[str]) -> None:
+        """The replicas that exist now; forget those that are gone."""
+        ids = set(replica_ids)
+        for gone in set(self._replicas) - ids:
+            del self._replicas[gone]
+        for new in ids - set(self._replicas):
+            self._replicas[new] = _Replica()
+
+    @property
+    def replica_ids(self) -> list[str]:
+        return sorted(self._replicas)
+
+    def report(self, snapshot: ReplicaSnapshot, polled_at: float) -> None:
+        """A replica answered a poll sent at ``polled_at`` (router clock)."""
+        rep = self._replicas.setdefault(snapshot.replica_id, _Replica())
+        if polled_at < rep.polled_at:
+            return  # an older answer overtaken by a newer one
+        rep.snapshot, rep.polled_at, rep.unreachable = snapshot, polled_at, False
+
+    def unreachable(self, replica_id: str) -> None:
+        """A poll failed or timed out: route nothing there until it answers again."""
+        if replica_id in self._replicas:
+            self._replicas[replica_id].unreachable = True
+
+    @property
+    def seq_tokens(self) -> float:
+        return self._seq_tokens if self._seq_tokens is not None else self.seq_tokens_prior
+
+    @property
+    def has_reports(self) -> bool:
+        return any(r.snapshot is not None for r in self._replicas.values())
+
+    def healthy_ids(self) -> list[str]:
+        return [rid for rid, r in sorted(self._replicas.items()) if _usable(r)]
+
+    # Request lifecycle ------------------------------------------------------------------
+    def sent(self, request_ids: Iterable[str], now: float) -> None:
+        """The batch carrying these requests left the router now."""
+        for rid in request_ids:
+            if rid in self._sent:
+                self._sent[rid].sent_at = now
+
+    def moved(self, request_id: str, replica_id: str) -> None:
+        """A request ran on another replica than planned (its target vanished)."""
+        if request_id in self._sent:
+            self._sent[request_id].replica_id = replica_id
+
+    def finished(self, request_id: str, seq_tokens: Iterable[int] = ()) -> None:
+        """A request ended (any way); record its sequences' total tokens for ``seq_tokens``."""
+        self._sent.pop(request_id, None)
+        for total in seq_tokens:
+            if total > 0:
+                self._seq_tokens = (float(total) if self._seq_tokens is None
+                                    else 0.8 * self._seq_tokens + 0.2 * total)
+
+    def in_flight(self, replica_id: str) -> int:
+        """Requests this router has sent to (or is batching for) a replica and not finished."""
+        return sum(1 for s in self._sent.values() if s.replica_id == replica_id)
+
+    # Estimates and decisions ------------------------------------------------------------
+    def estimate(self, replica_id: str) -> LoadEstimate:
+        rep = self._replicas[replica_id]
+        snap = rep.snapshot
+        unreported = [s for s in self._sent.values() if s.replica_id == replica_id
+                      and (s.sent_at is None or s.sent_at >= rep.polled_at)]
+        waiting = sum(s.seqs for s in unreported)
+        tokens = sum(s.prompt_tokens for s in unreported)
+        if snap is None:
+            return LoadEstimate(replica_id, waiting, tokens, 0, 0, 0,
+                                self.limits.default_tokens_per_s)
+        rate = snap.tokens_per_s if snap.tokens_per_s > 0 else self.limits.default_tokens_per_s
+        return LoadEstimate(replica_id, snap.waiting_requests + waiting,
+                            snap.waiting_tokens + tokens, snap.running_sequences,
+                            snap.free_slots, snap.total_slots, rate)
+
+    def predicted_wait(self, est: LoadEstimate, seqs: int = 1) -> float:
+        short = max(0, est.waiting_seqs + seqs - est.free_slots)
+        return (est.waiting_tokens + short * self.seq_tokens) / est.drain_rate
+
+    def admit(self, request_id: str, prompt_tokens: int, seqs: int = 1) -> Admission:
+        """Pick a replica for a request of ``seqs`` sequences, or say why not."""
+        candidates = [self.estimate(rid) for rid in self.healthy_ids()]
+        if not candidates:
+            return NoReplica("no healthy LLM replica is available")
+        best: tuple[tuple[float, int, int, str], LoadEstimate] | None = None
+        refusals: list[Shed] = []
+        for est in candidates:
+            wait = self.predicted_wait(est, seqs)
+            max_waiting = (self.limits.max_waiting if self.limits.max_waiting is not None
+                           else est.total_slots)
+            excess = est.waiting_seqs + seqs - est.free_slots - max_waiting
+            if excess > 0:
+                retry = excess * self.seq_tokens / est.drain_rate
+                refusals.append(Shed("queue_full", _ceil_s(retry), wait,
+                                     "the waiting queue is full"))
+                continue
+            if wait > self.limits.max_queue_wait_s:
+                refusals.append(Shed("queue_wait", _ceil_s(wait - self.limits.max_queue_wait_s),
+                                     wait, f"predicted queue wait {wait:.1f}s exceeds "
+                                     f"{self.limits.max_queue_wait_s:g}s"))
+                continue
+            free_after = est.free_slots - est.waiting_seqs
+            key = (wait, -free_after, est.running_seqs + self.in_flight(est.replica_id),
+                   est.replica_id)
+            if best is None or key < best[0]:
+                best = (key, est)
+        if best is None:
+            shed = min(refusals, key=lambda s: s.retry_after_s)
+            return Shed(shed.reason, shed.retry_after_s, shed.predicted_wait_s,
+                        f"server overloaded: {shed.message}; retry after "
+                        f"{shed.retry_after_s}s")
+        replica_id = best[1].replica_id
+        self._sent[request_id] = _Sent(replica_id, seqs, prompt_tokens * seqs)
+        return Accepted(replica_id, best[0][0])
+
+
+def _usable(rep: _Replica) -> bool:
+    return rep.snapshot is not None and rep.snapshot.healthy and not rep.unreachable
+
+
+def _ceil_s(seconds: float) -> int:
+    return max(1, math.ceil(seconds))

@@ -1,0 +1,155 @@
+"""Application config: every serving knob in one pydantic model (Serve YAML args or CLI args)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from model.engine_args import EngineArgs
+
+
+class AutoscalingSettings(BaseModel):
+    """Serve autoscaling for the LLM replicas (used instead of a fixed ``num_replicas``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Fewest LLM replicas kept running.")
+    max_replicas: int = Field(2, ge=1, description="Most LLM replicas started.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Ongoing batch calls per replica Serve aims for when scaling."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Seconds of overload before adding.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle seconds before removing.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+
+class AppConfig(BaseModel):
+    """Everything ``build_app`` accepts. Unknown keys are an error, so typos surface at once."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # Engine -------------------------------------------------------------------------
+    model: str | None = Field(
+        None, description="Checkpoint folder or .gguf file; empty for the embedded default model."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in the `model` field; default the checkpoint's name."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and KV cache dtype; auto is bf16 on GPU, fp32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Engine device; auto picks CUDA when the replica has a GPU."
+    )
+    window: int | None = Field(
+        None, ge=1, description="Override the checkpoint's sliding-window size (tokens)."
+    )
+    full_attention: bool = Field(False, description="Ignore any sliding window (full attention).")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Prompt + output token limit; default min(model limit, 4096)."
+    )
+    kv_cache_memory: int | None = Field(
+        None, ge=1, description="KV cache bytes per replica; default 2 GiB CPU, 90% free GPU."
+    )
+    max_num_seqs: int = Field(32, ge=1, description="Sequences one replica runs at once.")
+    max_num_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step.")
+    prefill_chunk: int | None = Field(
+        None, ge=1, description="Max prompt tokens of one sequence per step (chunked prefill)."
+    )
+    seed: int = Field(0, description="Base sampling seed for requests that carry none.")
+
+    # Replicas -----------------------------------------------------------------------
+    num_replicas: int = Field(1, ge=1, description="LLM replicas when autoscaling is off.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Autoscale LLM replicas between min and max instead of num_replicas."
+    )
+    replica_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per LLM replica; default 1 when the cluster has GPUs, else 0."
+    )
+    replica_num_cpus: float = Field(
+        0.5, gt=0, description="CPUs reserved per LLM replica (fractions are fine)."
+    )
+    router_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per router replica.")
+    router_replicas: int = Field(1, ge=1, description="Router (HTTP ingress) replicas.")
+    health_check_period_s: float = Field(5.0, gt=0, description="Replica health check period.")
+    graceful_shutdown_timeout_s: float = Field(
+        60.0, ge=0, description="How long a stopping replica lets running requests finish."
+    )
+
+    # Router: batching, dispatch, shedding -------------------------------------------
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="Requests arriving within this window go to a replica in one call."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most requests sent in one batch call.")
+    stats_interval_s: float = Field(
+        0.2, gt=0, description="How often the router polls each replica's load."
+    )
+    max_queue_wait_s: float = Field(
+        10.0, gt=0, description="Shed (429) when a request's predicted queue wait exceeds this."
+    )
+    max_waiting_per_replica: int | None = Field(
+        None, ge=0, description="Shed (429) when every replica has this many queued sequences; "
+        "default the replica's slot count.",
+    )
+    default_tokens_per_s: float = Field(
+        50.0, gt=0, description="Drain-rate prior (tokens/s) until a replica has measured one."
+    )
+    default_deadline_s: float | None = Field(
+        None, gt=0, description="Deadline for requests that carry none (504 if still queued)."
+    )
+
+    # HTTP ---------------------------------------------------------------------------
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted bearer keys; empty means no authentication."
+    )
+    host: str | None = Field(
+        None, description="HTTP proxy host when `serve run` starts Serve (default 127.0.0.1)."
+    )
+    port: int | None = Field(
+        None, ge=1, le=65535, description="HTTP proxy port when `serve run` starts Serve."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """`serve run ... api_keys=a,b` passes one string; accept a comma-separated list."""
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("model", "served_model_name", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if value in ("", "default") else value
+
+    @field_validator("autoscaling", mode="before")
+    @classmethod
+    def _parse_autoscaling(cls, value: Any) -> Any:
+        """`serve run ... 'autoscaling={"max_replicas": 4}'` passes JSON text."""
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else None
+        return value
+
+    def engine_args(self) -> EngineArgs:
+        """The engine settings each LLM replica builds its engine from."""
+        return EngineArgs(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            window=self.window,
+            full_attention=self.full_attention,
+            max_model_len=self.max_model_len,
+            kv_cache_memory=self.kv_cache_memory,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            prefill_chunk=self.prefill_chunk,
+            seed=self.seed,
+            progress=False,
+        )

@@ -1,0 +1,301 @@
+"""The router's dispatch core: admit, batch, send to a replica, and hand events back per request.
+
+``submit`` admits a request through the :class:`LoadBoard` (or raises a 429/503
+:class:`APIError` at once), then parks it in the :class:`MicroBatcher` of its replica. When the
+window closes the whole batch goes to the replica in one ``generate_batch`` call whose event
+stream is demultiplexed into each request's :class:`Ticket`. A background task polls every
+replica's load. ``cancel`` takes a request back from its batch or aborts it on its replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.admission import Accepted, LoadBoard, NoReplica, ReplicaSnapshot, Shed
+from app.batcher import MicroBatcher
+from app.errors import APIError
+from app.llm_server import BatchItem, Event, ItemError, Routed
+from app.metrics import RouterMetrics
+from model.requests import GenerationChunk, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 5.0  # stats polls and aborts; a replica that can't answer is unreachable
+DEADLINE_GRACE_S = 2.0  # the replica enforces deadlines; the router only backs it up
+
+
+class ReplicaClient(Protocol):
+    """How the router reaches LLM replicas (Serve handles in production, fakes in tests)."""
+
+    def replica_ids(self) -> list[str] | None: ...
+    async def stats(self, target: str | None) -> ReplicaSnapshot: ...
+    def generate_batch(self, target: str, items: list[BatchItem]
+                       ) -> AsyncIterator[list[Event]]: ...
+    async def abort(self, target: str, request_ids: list[str]) -> None: ...
+    async def model_info(self) -> dict[str, object]: ...
+
+
+class RequestFailed(Exception):
+    """A request ended with an error the client should see with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request: where it went and its stream of events."""
+
+    request: GenerationRequest
+    replica_id: str
+    arrival: float
+    deadline: float | None
+    queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    sent: bool = False
+    started: bool = False  # an engine event arrived
+    closed: bool = False  # finished, failed or cancelled
+    finished_choices: int = 0
+    seq_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    async def events(self) -> AsyncIterator[GenerationChunk]:
+        """The request's chunks in order; raises RequestFailed on an error event."""
+        while True:
+            timeout = None
+            if not self.started and self.deadline is not None:
+                timeout = max(0.0, self.deadline + DEADLINE_GRACE_S - time.monotonic())
+            try:
+                item = await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestFailed(504, "the request was still queued at its deadline") from None
+            if item is _END:
+                return
+            if isinstance(item, ItemError):
+                raise RequestFailed(item.status, item.message)
+            assert isinstance(item, GenerationChunk)
+            yield item
+
+
+class Dispatcher:
+    """Admission + micro-batching + replica streams + load polling."""
+
+    def __init__(self, client: ReplicaClient, board: LoadBoard, *, batch_window_s: float,
+                 max_batch: int, stats_interval_s: float,
+                 metrics: RouterMetrics | None = None) -> None:
+        self._client = client
+        self.board = board
+        self._interval = stats_interval_s
+        self._metrics = metrics
+        self._batcher: MicroBatcher[Ticket] = MicroBatcher(self._send, batch_window_s,
+                                                          max_batch)
+        self._tickets: dict[str, Ticket] = {}
+        self._poll_task: asyncio.Task[None] | None = None
+        self._poll_lock: asyncio.Lock | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.batches_sent: list[tuple[str, int]] = []  # (replica, size) of recent batches
+        self.closing = False
+
+    # Load polling ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._poll_task is None or self._poll_task.done():
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception:  # noqa: BLE001 - polling must outlive any one failure
+                logger.exception("load poll failed")
+            await asyncio.sleep(self._interval)
+
+    async def poll(self) -> None:
+        """Ask every replica for its load once (concurrently, each with a timeout)."""
+        if self._poll_lock is None:
+            self._poll_lock = asyncio.Lock()
+        async with self._poll_lock:
+            ids = self._client.replica_ids()
+            if not ids:
+                # The handle learns the replica set on first use: one untargeted poll.
+                await self._poll_one(None)
+                ids = self._client.replica_ids() or self.board.replica_ids
+            self.board.set_replicas(ids)
+            await asyncio.gather(*(self._poll_one(rid) for rid in ids))
+
+    async def _poll_one(self, replica_id: str | None) -> None:
+        sent_at = time.monotonic()
+        try:
+            snap = await asyncio.wait_for(self._client.stats(replica_id), CALL_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure makes the replica unreachable
+            logger.warning("replica %s did not report its load: %r", replica_id, exc)
+            if replica_id is not None:
+                self.board.unreachable(replica_id)
+            return
+        self.board.report(snap, sent_at)
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Poll until some replica has reported (True) or the timeout passes (False)."""
+        end = time.monotonic() + timeout_s
+        while not self.board.healthy_ids():
+            if time.monotonic() >= end:
+                return False
+            await self.poll()
+            if not self.board.healthy_ids():
+                await asyncio.sleep(min(self._interval, 0.5))
+        return True
+
+    # Requests -------------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest, deadline_s: float | None = None
+                     ) -> Ticket:
+        """Admit a request (raising a 429/503 APIError when refused) and queue it for sending."""
+        arrival = time.monotonic()
+        if self.closing:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
+        if not self.board.healthy_ids():
+            await self.wait_ready(CALL_TIMEOUT_S)
+        decision = self.board.admit(request.request_id, len(request.prompt_token_ids),
+                                    request.params.n)
+        if isinstance(decision, Shed):
+            if self._metrics:
+                self._metrics.shed_request(decision.reason)
+            raise APIError(429, decision.message, code=decision.reason,
+                           headers={"Retry-After": str(decision.retry_after_s)})
+        if isinstance(decision, NoReplica):
+            raise APIError(503, decision.message, code="no_healthy_replica",
+                           headers={"Retry-After": "1"})
+        assert isinstance(decision, Accepted)
+        if self._metrics:
+            self._metrics.observe(self._metrics.predicted_wait, decision.predicted_wait_s)
+        deadline = arrival + deadline_s if deadline_s is not None else None
+        ticket = Ticket(request, decision.replica_id, arrival, deadline)
+        self._tickets[request.request_id] = ticket
+        self._batcher.add(decision.replica_id, ticket)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client left: drop the request from its batch, or abort it on its replica."""
+        if ticket.closed:
+            return
+        self._close(ticket)
+        if self._metrics:
+            self._metrics.count(self._metrics.cancelled)
+        if self._batcher.discard(ticket.replica_id, ticket):
+            return
+        task = asyncio.get_running_loop().create_task(self._abort(ticket))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, ticket: Ticket) -> None:
+        try:
+            await asyncio.wait_for(
+                self._client.abort(ticket.replica_id, [ticket.request_id]), CALL_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the stream's close aborts it anyway
+            logger.warning("abort of %s failed: %r", ticket.request_id, exc)
+
+    def _close(self, ticket: Ticket) -> None:
+        ticket.closed = True
+        self._tickets.pop(ticket.request_id, None)
+        self.board.finished(ticket.request_id, ticket.seq_tokens)
+        ticket.queue.put_nowait(_END)
+
+    async def _send(self, replica_id: str, batch: list[Ticket]) -> None:
+        """One batch call to one replica; route its events to the tickets."""
+        tickets = {t.request_id: t for t in batch if not t.closed}
+        if not tickets:
+            return
+        now = time.monotonic()
+        self.board.sent(tickets, now)
+        self.batches_sent = (self.batches_sent + [(replica_id, len(tickets))])[-256:]
+        if self._metrics:
+            self._metrics.observe(self._metrics.batch_size, float(len(tickets)))
+        items = []
+        for t in tickets.values():
+            t.sent = True
+            timeout = None if t.deadline is None else max(0.0, t.deadline - now)
+            items.append(BatchItem(t.request, timeout))
+        open_ids = set(tickets)
+        stream = self._client.generate_batch(replica_id, items)
+        try:
+            async for events in stream:
+                for event in events:
+                    self._route(event, tickets, open_ids)
+                open_ids = {rid for rid in open_ids if not tickets[rid].closed}
+                if not open_ids:
+                    break
+        except Exception as exc:  # noqa: BLE001 - a dead replica fails its open requests
+            logger.warning("batch stream from %s failed: %r", replica_id, exc)
+            for rid in open_ids:
+                ticket = tickets[rid]
+                if not ticket.closed:
+                    ticket.queue.put_nowait(ItemError(rid, 503, f"LLM replica failed: {exc}"))
+                    self._close(ticket)
+        finally:
+            with contextlib.suppress(Exception):
+                await _aclose(stream)
+            for rid in open_ids:
+                if not tickets[rid].closed:
+                    tickets[rid].queue.put_nowait(
+                        ItemError(rid, 503, "LLM replica ended the stream early"))
+                    self._close(tickets[rid])
+
+    def _route(self, event: Event, tickets: dict[str, Ticket], open_ids: set[str]) -> None:
+        if isinstance(event, Routed):
+            for rid in open_ids:
+                if tickets[rid].replica_id != event.replica_id:
+                    tickets[rid].replica_id = event.replica_id
+                    self.board.moved(rid, event.replica_id)
+            return
+        ticket = tickets.get(event.request_id)
+        if ticket is None or ticket.closed:
+            return
+        if not ticket.started:
+            ticket.started = True
+            if self._metrics:
+                self._metrics.observe(self._metrics.queue_wait, time.monotonic() - ticket.arrival)
+        ticket.queue.put_nowait(event)
+        if isinstance(event, ItemError):
+            self._close(ticket)
+            return
+        if event.finish_reason is not None:
+            ticket.finished_choices += 1
+            ticket.seq_tokens.append(event.prompt_tokens + event.completion_tokens)
+            if ticket.finished_choices >= ticket.request.params.n:
+                self._close(ticket)
+
+    def in_flight(self) -> int:
+        return len(self._tickets)
+
+    async def close(self) -> None:
+        """Stop polling; let batches in flight finish."""
+        self.closing = True
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        await self._batcher.close()
+
+
+async def _aclose(stream: object) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
+    cancel = getattr(stream, "cancel", None)
+    if cancel is not None:
+        cancel()
+
+
+def request_ids(tickets: Sequence[Ticket]) -> list[str]:
+    return [t.request_id for t in tickets]

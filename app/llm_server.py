@@ -1,0 +1,211 @@
+"""LLMServer: one replica, one engine; runs batches of requests and reports its load.
+
+The router calls ``generate_batch`` with every request it gathered in one batching window; the
+replica starts them all on its engine (they join the running continuous batch) and streams back
+lists of events, one list per wake-up: first a :class:`Routed` naming the replica, then
+:class:`GenerationChunk` objects and per-request :class:`ItemError` objects. Closing the stream
+(the router's client left, or the router died) aborts every request still running in it;
+``abort`` cancels single requests. A plain class: the builder in ``app.main`` wraps it in a
+Serve deployment, and tests drive it with a fake engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from app.admission import ReplicaSnapshot
+from app.metrics import ReplicaMetrics
+from model.requests import EngineStats, GenerationChunk, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLike(Protocol):
+    """What the replica needs of model.engine.Engine (tests pass fakes)."""
+
+    model_name: str
+    max_model_len: int
+
+    def validate(self, request: GenerationRequest) -> None: ...
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+    def abort(self, request_id: str) -> None: ...
+    def stats(self) -> EngineStats: ...
+    def start(self) -> None: ...
+    async def shutdown(self, drain: bool = True, timeout_s: float = 60.0) -> None: ...
+
+
+EngineFactory = Callable[[], EngineLike]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a batch. The deadline travels as a duration: clocks differ per host."""
+
+    request: GenerationRequest
+    queue_timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Routed:
+    """First event of every batch stream: which replica runs it."""
+
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """A request of the batch failed; ``status`` is the HTTP status the client should get."""
+
+    request_id: str
+    status: int
+    message: str
+
+
+Event = Routed | GenerationChunk | ItemError
+
+
+def error_status(exc: BaseException) -> int:
+    """HTTP status for an engine exception: the client's fault (4xx) or ours (5xx)."""
+    from model.engine import DeadlineExceeded, EngineRequestError, EngineShuttingDown
+
+    if isinstance(exc, (EngineRequestError, ValueError)):
+        return 400
+    if isinstance(exc, (DeadlineExceeded, TimeoutError)):
+        return 504
+    if isinstance(exc, EngineShuttingDown):
+        return 503
+    return 500
+
+
+class LLMServer:
+    """Owns one engine (built by ``engine_factory`` inside the replica process)."""
+
+    def __init__(self, engine_factory: EngineFactory, replica_id: str | None = None,
+                 drain_timeout_s: float = 60.0,
+                 status_of: Callable[[BaseException], int] = error_status) -> None:
+        self.engine = engine_factory()
+        self.replica_id = replica_id or _serve_replica_id() or uuid.uuid4().hex[:8]
+        self._drain_timeout_s = drain_timeout_s
+        self._status_of = status_of
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._metrics = ReplicaMetrics()
+        self._draining = False
+
+    # Calls from the router ------------------------------------------------------------
+    async def generate_batch(self, items: Sequence[BatchItem], target: str | None = None
+                             ) -> AsyncIterator[list[Event]]:
+        """Start every request of the batch; stream their events until all have ended."""
+        del target  # only the request router reads it
+        self.engine.start()
+        queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        mine: list[str] = []
+        first: list[Event] = [Routed(self.replica_id)]
+        for item in items:
+            request = item.request
+            if item.queue_timeout_s is not None:
+                request = replace(request, deadline=time.monotonic() + item.queue_timeout_s)
+            if self._draining:
+                first.append(ItemError(request.request_id, 503, "replica is draining"))
+                continue
+            try:
+                self.engine.validate(request)
+            except Exception as exc:  # noqa: BLE001 - reported to the one client it concerns
+                first.append(ItemError(request.request_id, self._status_of(exc), str(exc)))
+                continue
+            task = asyncio.get_running_loop().create_task(self._pump(request, queue))
+            self._tasks[request.request_id] = task
+            mine.append(request.request_id)
+        yield first
+        remaining = len(mine)
+        try:
+            while remaining:
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                remaining -= sum(1 for e in events if e is None)
+                out = [e for e in events if e is not None]
+                if out:
+                    yield out
+        finally:
+            for request_id in mine:
+                task = self._tasks.pop(request_id, None)
+                if task is not None and not task.done():
+                    task.cancel()
+
+    async def _pump(self, request: GenerationRequest, queue: asyncio.Queue[Event | None]
+                    ) -> None:
+        """Run one request on the engine, forwarding chunks; None marks its end."""
+        started = time.monotonic()
+        first_token = True
+        try:
+            async for chunk in self.engine.generate(request):
+                if first_token and chunk.token_ids:
+                    self._metrics.observe_ttft(time.monotonic() - started)
+                    first_token = False
+                queue.put_nowait(chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error event
+            status = self._status_of(exc)
+            if status >= 500:
+                logger.warning("request %s failed: %r", request.request_id, exc)
+            queue.put_nowait(ItemError(request.request_id, status, str(exc)))
+        finally:
+            queue.put_nowait(None)
+
+    async def abort(self, request_ids: Sequence[str], target: str | None = None) -> int:
+        """Cancel requests running here (their slots free within one engine step)."""
+        del target
+        found = 0
+        for request_id in request_ids:
+            task = self._tasks.pop(request_id, None)
+            if task is not None:
+                found += 1
+                task.cancel()
+            self.engine.abort(request_id)
+        return found
+
+    async def stats(self, target: str | None = None) -> ReplicaSnapshot:
+        """The engine's load, for the router's dispatch and shedding decisions."""
+        del target
+        s = self.engine.stats()
+        self._metrics.record_stats(s, self.replica_id)
+        return ReplicaSnapshot(
+            replica_id=self.replica_id, waiting_requests=s.waiting_requests,
+            waiting_tokens=s.waiting_tokens, running_sequences=s.running_sequences,
+            free_slots=s.free_slots, total_slots=s.total_slots, tokens_per_s=s.tokens_per_s,
+            healthy=s.healthy and not self._draining)
+
+    async def model_info(self, target: str | None = None) -> dict[str, Any]:
+        del target
+        return {"model_name": self.engine.model_name, "max_model_len": self.engine.max_model_len,
+                "replica_id": self.replica_id}
+
+    # Lifecycle ------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Serve's health check: fails once the engine's step loop has died."""
+        if not self.engine.stats().healthy:
+            raise RuntimeError("engine loop is dead")
+
+    async def shutdown(self) -> None:
+        """Stop taking batches, let running requests finish, then stop the engine."""
+        self._draining = True
+        with contextlib.suppress(Exception):
+            await self.engine.shutdown(drain=True, timeout_s=self._drain_timeout_s)
+
+
+def _serve_replica_id() -> str | None:
+    """The Serve replica's unique id when running inside Serve (None in plain tests)."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - not inside a Serve replica
+        return None

@@ -1,0 +1,115 @@
+"""The Serve application: ``build_app(args)`` binds Router -> LLMServer; ``app`` uses defaults.
+
+``serve run app.main:app`` serves the embedded model on CPU; ``serve run app.main:build_app
+num_replicas=2 batch_window_ms=3 ...`` sets any :class:`AppConfig` knob; a Serve config YAML
+(cluster/serve_config.yaml) passes the same knobs as ``args``. Building loads nothing: engines
+are built inside the LLM replicas, the tokenizer inside the router replicas.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+from app.config import AppConfig
+from app.llm_server import EngineLike, LLMServer
+from app.replica_router import TargetedRequestRouter
+from app.router import Router
+from model.engine_args import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+LLM_DEPLOYMENT = "LLMServer"
+ROUTER_DEPLOYMENT = "Router"
+LLM_MAX_ONGOING = 1024  # batch calls + polls per replica; the router does the real admission
+ROUTER_MAX_ONGOING = 4096
+
+
+def build_engine(args: EngineArgs) -> EngineLike:
+    """Runs inside an LLM replica: load weights and tokenizer."""
+    from model.engine import Engine
+
+    return Engine.from_args(args)
+
+
+class LLMServerDeployment(LLMServer):
+    """LLMServer as Serve runs it: Serve awaits ``__del__`` after draining ongoing calls."""
+
+    async def __del__(self) -> None:
+        await self.shutdown()
+
+
+class RouterDeployment(Router):
+    """Router as Serve runs it."""
+
+    async def __del__(self) -> None:
+        await self.shutdown()
+
+
+def _gpus_per_replica(config: AppConfig) -> float:
+    if config.replica_num_gpus is not None:
+        return config.replica_num_gpus
+    import ray
+
+    if ray.is_initialized():
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if os.path.exists("/proc/driver/nvidia/version") else 0.0
+
+
+def _start_serve_if_asked(config: AppConfig) -> None:
+    """`serve run app.main:build_app host=... port=...`: start Serve's proxy there.
+
+    Only possible before Serve starts (the CLI calls the builder first). Inside a config-file
+    deploy Ray is already up and the YAML's ``http_options`` decide.
+    """
+    if config.host is None and config.port is None:
+        return
+    import ray
+
+    if ray.is_initialized():
+        logger.warning("host/port app args are ignored here; set http_options in the config")
+        return
+    ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
+    serve.start(http_options={"host": config.host or "127.0.0.1", "port": config.port or 8000})
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Bind the application from app args (every AppConfig field; strings are parsed)."""
+    config = AppConfig.model_validate(dict(args or {}))
+    _start_serve_if_asked(config)
+    scaling: dict[str, Any] = {"num_replicas": config.num_replicas}
+    if config.autoscaling is not None:
+        a = config.autoscaling
+        scaling = {"autoscaling_config": AutoscalingConfig(
+            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+            target_ongoing_requests=a.target_ongoing_requests,
+            upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s)}
+    llm = serve.deployment(
+        LLMServerDeployment, name=LLM_DEPLOYMENT,
+        ray_actor_options={"num_cpus": config.replica_num_cpus,
+                           "num_gpus": _gpus_per_replica(config)},
+        max_ongoing_requests=LLM_MAX_ONGOING,
+        health_check_period_s=config.health_check_period_s,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
+        request_router_config=RequestRouterConfig(request_router_class=TargetedRequestRouter),
+        **scaling,
+    )
+    router = serve.deployment(
+        serve.ingress()(RouterDeployment), name=ROUTER_DEPLOYMENT,
+        num_replicas=config.router_replicas,
+        ray_actor_options={"num_cpus": config.router_num_cpus},
+        max_ongoing_requests=ROUTER_MAX_ONGOING,
+    )
+    engine_factory = functools.partial(build_engine, config.engine_args())
+    server = llm.bind(engine_factory, None, config.graceful_shutdown_timeout_s)
+    return router.bind(server, config.model_dump())
+
+
+app = build_app({})

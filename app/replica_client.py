@@ -1,0 +1,36 @@
+"""The router's ReplicaClient over a Serve DeploymentHandle to the LLM deployment."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray.serve.handle import DeploymentHandle
+
+from app.admission import ReplicaSnapshot
+from app.llm_server import BatchItem, Event
+from app.replica_router import REPLICA_DIRECTORY, directory_key
+
+
+class ServeReplicaClient:
+    """Targets each call at one replica via ``target=`` (see app.replica_router)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+        self._key = directory_key(handle.app_name, handle.deployment_name)
+
+    def replica_ids(self) -> list[str] | None:
+        ids = REPLICA_DIRECTORY.get(self._key)
+        return list(ids) if ids else None
+
+    async def stats(self, target: str | None) -> ReplicaSnapshot:
+        return await self._handle.stats.remote(target=target)
+
+    def generate_batch(self, target: str, items: list[BatchItem]
+                       ) -> AsyncIterator[list[Event]]:
+        return self._handle.generate_batch.options(stream=True).remote(items, target=target)
+
+    async def abort(self, target: str, request_ids: list[str]) -> None:
+        await self._handle.abort.remote(request_ids, target=target)
+
+    async def model_info(self) -> dict[str, object]:
+        return await self._handle.model_info.remote()

@@ -1,0 +1,452 @@
+"""Router: the FastAPI ingress serving OpenAI's API on top of the Dispatcher.
+
+Per request: authenticate, validate (pydantic), check the model name, tokenize and check the
+length against the model's limit, build SamplingParams, admit through the dispatcher (429/503
+at once when refused), then either gather the whole answer or stream it as server-sent events.
+A streaming answer waits for its first engine event before sending headers, so a request that
+fails before it starts (deadline, engine refusal) still gets a proper status code. Whatever
+ends a request early (client disconnect, error) cancels it at its replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray.serve.handle import DeploymentHandle
+
+from app.admission import AdmissionLimits, LoadBoard
+from app.config import AppConfig
+from app.dispatcher import Dispatcher, ReplicaClient, RequestFailed, Ticket
+from app.errors import APIError, bad_request, install_error_handlers
+from app.formatting import (
+    SSE_DONE,
+    ChoiceState,
+    TokenizerLike,
+    chat_logprobs,
+    completion_logprobs,
+    finish_reason,
+    sse,
+    usage,
+)
+from app.metrics import RouterMetrics
+from app.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+)
+from model.requests import GenerationChunk, GenerationRequest
+from model.sampling_params import SamplingParams, SamplingParamsError
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions API
+READY_TIMEOUT_S = 10.0
+
+
+def load_router_tokenizer(model: str | None) -> TokenizerLike:
+    """The served model's tokenizer alone (no weights): the router tokenizes and counts."""
+    from model.default_model import default_model_path
+    from model.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_model_path() if model is None else Path(model))
+
+
+class Router:
+    """OpenAI-compatible HTTP front end; ``app`` is its FastAPI application."""
+
+    def __init__(self, llm: DeploymentHandle | ReplicaClient, config: AppConfig | dict[str, Any],
+                 tokenizer: TokenizerLike | None = None) -> None:
+        self.config = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+        if isinstance(llm, DeploymentHandle):
+            from app.replica_client import ServeReplicaClient
+
+            self.client: Any = ServeReplicaClient(llm)
+        else:
+            self.client = llm
+        self.tokenizer = tokenizer or load_router_tokenizer(self.config.model)
+        self.metrics = RouterMetrics()
+        limits = AdmissionLimits(max_queue_wait_s=self.config.max_queue_wait_s,
+                                 max_waiting=self.config.max_waiting_per_replica,
+                                 default_tokens_per_s=self.config.default_tokens_per_s)
+        self.dispatcher = Dispatcher(
+            self.client, LoadBoard(limits), batch_window_s=self.config.batch_window_ms / 1000,
+            max_batch=self.config.max_batch_size, stats_interval_s=self.config.stats_interval_s,
+            metrics=self.metrics)
+        self._model_name: str | None = self.config.served_model_name
+        self._max_model_len: int | None = None
+        self._created = int(time.time())
+        self.app = self._build_app()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self.app
+
+    async def shutdown(self) -> None:
+        await self.dispatcher.close()
+
+    # Model facts (asked of a replica once) --------------------------------------------
+    async def _model(self) -> tuple[str, int]:
+        self.dispatcher.start()
+        if self._max_model_len is None:
+            try:
+                info = await asyncio.wait_for(self.client.model_info(), READY_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - no replica could answer
+                raise APIError(503, f"no LLM replica is ready: {exc!r}",
+                               code="no_healthy_replica", headers={"Retry-After": "1"}) from exc
+            self._max_model_len = int(info["max_model_len"])
+            self._model_name = self._model_name or str(info["model_name"])
+        assert self._model_name is not None
+        return self._model_name, self._max_model_len
+
+    async def _check_model(self, requested: str) -> tuple[str, int]:
+        name, limit = await self._model()
+        if requested != name:
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves "
+                           f"`{name}`.", param="model", code="model_not_found")
+        return name, limit
+
+    # App --------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="ringserve", docs_url=None, redoc_url=None)
+        install_error_handlers(app)
+
+        @app.middleware("http")
+        async def _count(request: Request, call_next: Callable[[Request], Any]) -> Any:
+            response = await call_next(request)
+            self.metrics.request(request.url.path, response.status_code)
+            return response
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            self.dispatcher.start()
+            healthy = self.dispatcher.board.healthy_ids()
+            if not healthy:
+                await self.dispatcher.wait_ready(1.0)
+                healthy = self.dispatcher.board.healthy_ids()
+            if not healthy:
+                raise APIError(503, "no healthy LLM replica", code="no_healthy_replica")
+            return JSONResponse({"status": "ok", "healthy_replicas": len(healthy)})
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> ModelList:
+            self._authenticate(request)
+            name, limit = await self._model()
+            return ModelList(data=[ModelCard(id=name, created=self._created,
+                                             max_model_len=limit)])
+
+        @app.post("/v1/completions", response_model=None)
+        async def completions(body: CompletionRequest, request: Request
+                              ) -> CompletionResponse | StreamingResponse:
+            self._authenticate(request)
+            return await self._completions(body)
+
+        @app.post("/v1/chat/completions", response_model=None)
+        async def chat(body: ChatCompletionRequest, request: Request
+                       ) -> ChatCompletionResponse | StreamingResponse:
+            self._authenticate(request)
+            return await self._chat(body)
+
+        return app
+
+    def _authenticate(self, request: Request) -> None:
+        keys = self.config.api_keys
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+        if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    # Request building -------------------------------------------------------------------
+    def _params(self, body: SamplingFields, max_tokens: int, logprobs: int | None
+                ) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+                top_p=body.top_p, min_p=body.min_p, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, seed=body.seed,
+                stop=tuple(body.stop or ()), stop_token_ids=tuple(body.stop_token_ids or ()),
+                ignore_eos=body.ignore_eos, n=body.n, logprobs=logprobs)
+        except SamplingParamsError as exc:
+            raise bad_request(str(exc)) from exc
+
+    @staticmethod
+    def _check_length(prompt_len: int, max_tokens: int, limit: int, prompt_param: str) -> None:
+        if prompt_len == 0:
+            raise bad_request("the prompt is empty", param=prompt_param)
+        if prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the "
+                           f"prompt has {prompt_len} tokens and max_tokens is {max_tokens} "
+                           f"({prompt_len + max_tokens} in all). Shorten the prompt or lower "
+                           "max_tokens.", param="max_tokens" if prompt_len < limit
+                           else prompt_param, code="context_length_exceeded")
+
+    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
+                 ) -> tuple[list[list[int]], list[str]]:
+        """Token ids and text of each prompt of a completions request."""
+        if isinstance(prompt, str):
+            return [self.tokenizer.encode(prompt)], [prompt]
+        if not prompt:
+            raise bad_request("prompt must not be an empty list", param="prompt")
+        if all(isinstance(p, str) for p in prompt):
+            return [self.tokenizer.encode(p) for p in prompt], list(prompt)  # type: ignore[arg-type]
+        if all(isinstance(p, int) for p in prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+            return [ids], [self._decode_prompt(ids)]
+        lists = [list(p) for p in prompt]  # type: ignore[arg-type]
+        return lists, [self._decode_prompt(p) for p in lists]
+
+    def _decode_prompt(self, ids: list[int]) -> str:
+        try:
+            return self.tokenizer.decode(ids)
+        except Exception as exc:  # noqa: BLE001 - an id outside the vocabulary
+            raise bad_request(f"invalid prompt token ids: {exc}", param="prompt") from exc
+
+    async def _submit(self, requests: Sequence[GenerationRequest], deadline_s: float | None
+                      ) -> list[Ticket]:
+        """Admit all prompts of one HTTP request, or none of them."""
+        deadline = deadline_s if deadline_s is not None else self.config.default_deadline_s
+        tickets: list[Ticket] = []
+        try:
+            for request in requests:
+                tickets.append(await self.dispatcher.submit(request, deadline))
+        except BaseException:
+            for ticket in tickets:
+                self.dispatcher.cancel(ticket)
+            raise
+        return tickets
+
+    # Completions ------------------------------------------------------------------------
+    async def _completions(self, body: CompletionRequest) -> CompletionResponse | StreamingResponse:
+        name, limit = await self._check_model(body.model)
+        prompts, texts = self._prompts(body.prompt)
+        max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+        for ids in prompts:
+            self._check_length(len(ids), max_tokens, limit, "prompt")
+        params = self._params(body, max_tokens, body.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        requests = [GenerationRequest(f"{rid}-{i}", tuple(ids), params)
+                    for i, ids in enumerate(prompts)]
+        tickets = await self._submit(requests, body.deadline_s)
+        created = int(time.time())
+        n = body.n
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(tickets, lambda t, c, s: self._completion_chunk(
+                rid, created, name, t * n + c.index, c, s, texts[t] if body.echo else None,
+                body.logprobs is not None),
+                lambda states: self._usage_chunk(rid, created, name, "text_completion",
+                                                 prompts, states) if include_usage else None)
+        states = await self._gather(tickets)
+        choices = []
+        for t, per_ticket in enumerate(states):
+            for state in per_ticket:
+                prefix = texts[t] if body.echo else ""
+                text = prefix + "".join(state.text)
+                lp = (completion_logprobs(self.tokenizer, state.logprobs, state.top_logprobs,
+                                          len(prefix)) if body.logprobs is not None else None)
+                choices.append(CompletionChoice(index=t * n + state.index, text=text, logprobs=lp,
+                                                finish_reason=finish_reason(state.finish)))
+        return CompletionResponse(
+            id=rid, created=created, model=name, choices=choices,
+            usage=usage(sum(len(p) for p in prompts), [s for st in states for s in st]))
+
+    def _completion_chunk(self, rid: str, created: int, model: str, index: int,
+                          chunk: GenerationChunk, state: ChoiceState, echo: str | None,
+                          want_logprobs: bool) -> str:
+        text = chunk.text
+        if echo is not None and len(state.token_ids) == len(chunk.token_ids):
+            text = echo + text  # the first chunk of this choice carries the echoed prompt
+        lp = None
+        if want_logprobs:
+            offset = sum(len(t) for t in state.text[:-1])
+            lp = completion_logprobs(self.tokenizer, chunk.logprobs, chunk.top_logprobs, offset)
+        payload = CompletionResponse(id=rid, created=created, model=model, choices=[
+            CompletionChoice(index=index, text=text, logprobs=lp,
+                             finish_reason=finish_reason(chunk.finish_reason))])
+        return sse(payload.model_dump_json(exclude={"usage", "system_fingerprint"}))
+
+    def _usage_chunk(self, rid: str, created: int, model: str, kind: str,
+                     prompts: list[list[int]], states: list[list[ChoiceState]]) -> str:
+        flat = [s for st in states for s in st]
+        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
+                                "choices": [],
+                                "usage": usage(sum(len(p) for p in prompts), flat).model_dump()}
+        return sse(ChatCompletionChunk.model_validate(body).model_dump_json()
+                   if kind == "chat.completion.chunk"
+                   else CompletionResponse.model_validate(body).model_dump_json())
+
+    # Chat -------------------------------------------------------------------------------
+    async def _chat(self, body: ChatCompletionRequest
+                    ) -> ChatCompletionResponse | StreamingResponse:
+        name, limit = await self._check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt)
+        except ValueError as exc:
+            raise bad_request(f"messages: {exc}", param="messages") from exc
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+        requested = body.max_completion_tokens or body.max_tokens
+        max_tokens = requested if requested is not None else max(1, limit - len(ids))
+        self._check_length(len(ids), max_tokens, limit, "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._params(body, max_tokens, logprobs)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        tickets = await self._submit([GenerationRequest(rid, tuple(ids), params)], body.deadline_s)
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(tickets, lambda _t, c, s: self._chat_chunk(
+                rid, created, name, c, s, body.logprobs),
+                lambda states: self._usage_chunk(rid, created, name, "chat.completion.chunk",
+                                                 [ids], states) if include_usage else None)
+        states = (await self._gather(tickets))[0]
+        choices = [ChatChoice(
+            index=s.index, message=AssistantMessage(content="".join(s.text)),
+            logprobs=(chat_logprobs(self.tokenizer, s.logprobs, s.top_logprobs)
+                      if body.logprobs else None),
+            finish_reason=finish_reason(s.finish)) for s in states]
+        return ChatCompletionResponse(id=rid, created=created, model=name, choices=choices,
+                                      usage=usage(len(ids), states))
+
+    def _chat_chunk(self, rid: str, created: int, model: str, chunk: GenerationChunk,
+                    state: ChoiceState, want_logprobs: bool) -> str:
+        first = len(state.text) == 1
+        delta = DeltaMessage(role="assistant" if first else None, content=chunk.text)
+        lp = (chat_logprobs(self.tokenizer, chunk.logprobs, chunk.top_logprobs)
+              if want_logprobs else None)
+        payload = ChatCompletionChunk(id=rid, created=created, model=model, choices=[
+            ChatChunkChoice(index=chunk.index, delta=delta, logprobs=lp,
+                            finish_reason=finish_reason(chunk.finish_reason))])
+        return sse(payload.model_dump_json(exclude={"usage", "system_fingerprint"}))
+
+    # Answer assembly --------------------------------------------------------------------
+    async def _gather(self, tickets: list[Ticket]) -> list[list[ChoiceState]]:
+        """Run every ticket to its end; per ticket, its choices in index order."""
+        states = [{i: ChoiceState(i) for i in range(t.request.params.n)} for t in tickets]
+        try:
+            async for t, chunk in self._merged(tickets):
+                states[t][chunk.index].add(chunk)
+        finally:
+            for ticket in tickets:
+                self.dispatcher.cancel(ticket)  # no-op for tickets that ended
+        return [[s[i] for i in sorted(s)] for s in states]
+
+    async def _merged(self, tickets: list[Ticket]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """Chunks of all tickets as they come, tagged with the ticket's position.
+
+        Raises APIError for the first ticket that fails.
+        """
+        if len(tickets) == 1:
+            try:
+                async for chunk in tickets[0].events():
+                    yield 0, chunk
+            except RequestFailed as exc:
+                raise APIError(exc.status, exc.message) from exc
+            return
+        queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = (
+            asyncio.Queue())
+
+        async def pump(t: int, ticket: Ticket) -> None:
+            try:
+                async for chunk in ticket.events():
+                    queue.put_nowait((t, chunk))
+                queue.put_nowait((t, None))
+            except RequestFailed as exc:
+                queue.put_nowait((t, APIError(exc.status, exc.message)))
+
+        tasks = [asyncio.create_task(pump(t, ticket)) for t, ticket in enumerate(tickets)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                t, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield t, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _stream(self, tickets: list[Ticket],
+                      render: Callable[[int, GenerationChunk, ChoiceState], str],
+                      final: Callable[[list[list[ChoiceState]]], str | None]
+                      ) -> StreamingResponse:
+        """SSE answer; waits for the first event so early failures keep their status code."""
+        states = [{i: ChoiceState(i) for i in range(t.request.params.n)} for t in tickets]
+        events = self._merged(tickets)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            for ticket in tickets:
+                self.dispatcher.cancel(ticket)
+            raise
+        start = time.monotonic()
+
+        async def body() -> AsyncIterator[str]:
+            pending: tuple[int, GenerationChunk] | None = first
+            tokens = 0
+            try:
+                while pending is not None:
+                    t, chunk = pending
+                    state = states[t][chunk.index]
+                    state.add(chunk)
+                    tokens += len(chunk.token_ids)
+                    yield render(t, chunk, state)
+                    try:
+                        pending = await anext(events)
+                    except StopAsyncIteration:
+                        pending = None
+                tail = final([[s[i] for i in sorted(s)] for s in states])
+                if tail is not None:
+                    yield tail
+                yield SSE_DONE
+                self._observe_stream(start, tokens)
+            except APIError as exc:
+                yield sse(_json(exc.body()))
+                yield SSE_DONE
+            finally:
+                with contextlib.suppress(Exception):
+                    await events.aclose()
+                for ticket in tickets:
+                    self.dispatcher.cancel(ticket)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    def _observe_stream(self, start: float, tokens: int) -> None:
+        self.metrics.count(self.metrics.generated, float(tokens))
+        if tokens > 1:
+            self.metrics.observe(self.metrics.tpot, (time.monotonic() - start) / (tokens - 1))
+
+
+def _json(value: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(value)

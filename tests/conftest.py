@@ -1,0 +1,152 @@
+# ---------------------------------------------------------------------------------------------
+# app/ (serving) fakes: an engine with real slot/queue/abort semantics but no model, and an
+# in-process ReplicaClient over LLMServer replicas, so router logic is testable without Ray.
+
+import asyncio as _asyncio
+import time as _time
+from dataclasses import dataclass as _dataclass
+
+import pytest as _pytest
+
+from model.requests import EngineStats as _EngineStats
+from model.requests import GenerationChunk as _GenerationChunk
+
+
+class FakeEngine:
+    """Continuous-batching look-alike: ``total_slots`` run at once, one token per step each.
+
+    Token ids are 200 + (prompt length + position) % 50 and each token's text is ``"<id> "``,
+    so every output is predictable from the prompt length and max_tokens alone.
+    """
+
+    def __init__(self, total_slots: int = 4, step_s: float = 0.01, max_model_len: int = 256,
+                 model_name: str = "fake-model") -> None:
+        self.total_slots = total_slots
+        self.step_s = step_s
+        self.max_model_len = max_model_len
+        self.model_name = model_name
+        self.running: set[str] = set()
+        self.waiting: list[str] = []
+        self.aborted: list[str] = []
+        self.started_requests: list[str] = []
+        self.dead = False
+        self.generated = 0
+        self._slot_free: _asyncio.Condition | None = None
+
+    def validate(self, request) -> None:
+        if not request.prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if len(request.prompt_token_ids) + request.params.max_tokens > self.max_model_len:
+            raise ValueError("prompt + max_tokens exceeds the model's limit")
+
+    def start(self) -> None:
+        pass
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def stats(self) -> _EngineStats:
+        return _EngineStats(waiting_requests=len(self.waiting), waiting_tokens=0,
+                            running_sequences=len(self.running),
+                            free_slots=self.total_slots - len(self.running),
+                            total_slots=self.total_slots, tokens_per_s=1.0 / self.step_s,
+                            kv_cache_bytes=1, kv_cache_used_bytes=0, healthy=not self.dead)
+
+    async def generate(self, request):
+        if self._slot_free is None:
+            self._slot_free = _asyncio.Condition()
+        rid = request.request_id
+        self.validate(request)
+        self.waiting.append(rid)
+        try:
+            async with self._slot_free:
+                while len(self.running) + request.params.n > self.total_slots:
+                    timeout = (None if request.deadline is None
+                               else request.deadline - _time.monotonic())
+                    if timeout is not None and timeout <= 0:
+                        raise TimeoutError(f"{rid} was still queued at its deadline")
+                    try:
+                        await _asyncio.wait_for(self._slot_free.wait(), timeout)
+                    except _asyncio.TimeoutError:
+                        continue
+                self.waiting.remove(rid)
+                seqs = [f"{rid}#{i}" for i in range(request.params.n)]
+                self.running.update(seqs)
+                self.started_requests.append(rid)
+        except BaseException:
+            if rid in self.waiting:
+                self.waiting.remove(rid)
+            raise
+        try:
+            plen = len(request.prompt_token_ids)
+            for pos in range(request.params.max_tokens):
+                await _asyncio.sleep(self.step_s)
+                for index in range(request.params.n):
+                    token = 200 + (plen + pos) % 50
+                    last = pos + 1 == request.params.max_tokens
+                    self.generated += 1
+                    yield _GenerationChunk(request_id=rid, index=index, text=f"{token} ",
+                                           token_ids=(token,),
+                                           finish_reason="length" if last else None,
+                                           prompt_tokens=plen, completion_tokens=pos + 1)
+        finally:
+            self.running.difference_update(seqs)
+            async with self._slot_free:
+                self._slot_free.notify_all()
+
+    async def shutdown(self, drain: bool = True, timeout_s: float = 60.0) -> None:
+        deadline = _time.monotonic() + timeout_s
+        while drain and self.running and _time.monotonic() < deadline:
+            await _asyncio.sleep(self.step_s)
+
+
+def fake_status(exc: BaseException) -> int:
+    if isinstance(exc, ValueError):
+        return 400
+    if isinstance(exc, TimeoutError):
+        return 504
+    return 500
+
+
+@_dataclass
+class LocalClient:
+    """ReplicaClient over in-process LLMServers; records every batch call."""
+
+    servers: dict
+
+    def __post_init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def replica_ids(self) -> list[str]:
+        return sorted(self.servers)
+
+    async def stats(self, target):
+        server = self.servers.get(target) or next(iter(self.servers.values()))
+        return await server.stats(target=target)
+
+    def generate_batch(self, target, items):
+        self.calls.append((target, [i.request.request_id for i in items]))
+        return self.servers[target].generate_batch(items, target=target)
+
+    async def abort(self, target, request_ids):
+        await self.servers[target].abort(request_ids, target=target)
+
+    async def model_info(self):
+        return await next(iter(self.servers.values())).model_info()
+
+
+def make_local_cluster(replicas: int = 2, **engine_kwargs) -> LocalClient:
+    from app.llm_server import LLMServer
+
+    servers = {}
+    for i in range(replicas):
+        engine = FakeEngine(**engine_kwargs)
+        servers[f"r{i}"] = LLMServer(lambda e=engine: e, replica_id=f"r{i}",
+                                     status_of=fake_status)
+    return LocalClient(servers)
+
+
+@_pytest.fixture
+def local_cluster():
+    """Factory: ``local_cluster(replicas=2, total_slots=4, step_s=0.01)`` -> LocalClient."""
+    return make_local_cluster

@@ -1,0 +1,130 @@
+"""Admission control and micro-batching, pure Python (no Ray, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.admission import (
+    Accepted,
+    AdmissionLimits,
+    LoadBoard,
+    NoReplica,
+    ReplicaSnapshot,
+    Shed,
+)
+from app.batcher import MicroBatcher
+
+
+def snap(rid: str, *, waiting: int = 0, tokens: int = 0, running: int = 0, slots: int = 4,
+         rate: float = 200.0, healthy: bool = True) -> ReplicaSnapshot:
+    return ReplicaSnapshot(rid, waiting, tokens, running, slots - running, slots, rate, healthy)
+
+
+def board(*snaps: ReplicaSnapshot, **limits: object) -> LoadBoard:
+    b = LoadBoard(AdmissionLimits(**limits))  # type: ignore[arg-type]
+    b.set_replicas(s.replica_id for s in snaps)
+    for s in snaps:
+        b.report(s, polled_at=0.0)
+    return b
+
+
+def test_docstring_example_predicts_wait() -> None:
+    b = board(snap("a", waiting=2, tokens=60, running=4, slots=4, rate=200.0))
+    b.finished("x", [100])  # measured sequence length 100 tokens
+    wait = b.predicted_wait(b.estimate("a"))
+    assert wait == pytest.approx((60 + 3 * 100) / 200.0)
+
+
+def test_idle_replica_wins_over_busy_one() -> None:
+    b = board(snap("a", running=4, waiting=3, tokens=30), snap("b"))
+    decision = b.admit("r1", prompt_tokens=10)
+    assert isinstance(decision, Accepted) and decision.replica_id == "b"
+    assert decision.predicted_wait_s == 0.0
+
+
+def test_burst_spreads_over_replicas_before_any_new_report() -> None:
+    b = board(snap("a"), snap("b"))
+    chosen = []
+    for i in range(8):
+        d = b.admit(f"r{i}", prompt_tokens=10)
+        assert isinstance(d, Accepted)
+        chosen.append(d.replica_id)
+    assert chosen.count("a") == 4 and chosen.count("b") == 4
+
+
+def test_queue_full_sheds_with_retry_after_from_drain_rate() -> None:
+    b = board(snap("a", running=4, waiting=4, slots=4, rate=100.0), max_waiting=4)
+    b.finished("old", [250])
+    d = b.admit("r", prompt_tokens=10)
+    assert isinstance(d, Shed) and d.reason == "queue_full"
+    # one sequence too many; a slot frees after ~250 tokens at 100 tokens/s -> 3 s
+    assert d.retry_after_s == 3
+    faster = board(snap("a", running=4, waiting=4, slots=4, rate=1000.0), max_waiting=4)
+    faster.finished("old", [250])
+    d2 = faster.admit("r", prompt_tokens=10)
+    assert isinstance(d2, Shed) and d2.retry_after_s == 1
+
+
+def test_predicted_wait_over_limit_sheds() -> None:
+    b = board(snap("a", running=4, waiting=1, tokens=2000, rate=100.0), max_queue_wait_s=5.0)
+    d = b.admit("r", prompt_tokens=10)
+    assert isinstance(d, Shed) and d.reason == "queue_wait"
+    assert d.predicted_wait_s > 5.0
+    assert d.retry_after_s == pytest.approx(d.predicted_wait_s - 5.0, abs=1.0)
+
+
+def test_unhealthy_or_unreachable_replicas_get_nothing() -> None:
+    b = board(snap("a", healthy=False), snap("b"))
+    d = b.admit("r", prompt_tokens=1)
+    assert isinstance(d, Accepted) and d.replica_id == "b"
+    b.unreachable("b")
+    assert isinstance(b.admit("r2", prompt_tokens=1), NoReplica)
+    assert isinstance(LoadBoard().admit("r", 1), NoReplica)
+
+
+def test_report_after_dispatch_replaces_local_estimate() -> None:
+    b = board(snap("a"))
+    for i in range(3):
+        b.admit(f"r{i}", prompt_tokens=5)
+    b.sent(["r0", "r1", "r2"], now=1.0)
+    assert b.estimate("a").waiting_seqs == 3
+    b.report(snap("a", running=3), polled_at=2.0)  # the replica has them now
+    est = b.estimate("a")
+    assert est.waiting_seqs == 0 and est.running_seqs == 3
+    b.report(snap("a"), polled_at=1.5)  # an older, slower answer is ignored
+    assert b.estimate("a").running_seqs == 3
+
+
+def test_finished_requests_update_sequence_length_and_in_flight() -> None:
+    b = board(snap("a"))
+    b.admit("r", prompt_tokens=5)
+    assert b.in_flight("a") == 1
+    b.finished("r", [40])
+    assert b.in_flight("a") == 0 and b.seq_tokens == 40
+
+
+def test_microbatcher_groups_by_window_and_replica() -> None:
+    sent: list[tuple[str, list[int]]] = []
+
+    async def send(replica: str, items: list[int]) -> None:
+        sent.append((replica, items))
+
+    async def main() -> None:
+        batcher: MicroBatcher[int] = MicroBatcher(send, window_s=0.05, max_batch=3)
+        batcher.add("a", 1)
+        batcher.add("b", 2)
+        batcher.add("a", 3)
+        await asyncio.sleep(0.1)
+        for i in range(4):  # the 3rd fills the batch at once; the 4th opens a new window
+            batcher.add("a", 10 + i)
+        await asyncio.sleep(0)
+        assert ("a", [10, 11, 12]) in sent
+        batcher.add("a", 20)
+        assert batcher.discard("a", 20)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sent[:2] == [("a", [1, 3]), ("b", [2])]
+    assert sent[-1] == ("a", [13])

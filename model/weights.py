@@ -1,0 +1,394 @@
+"""Weight loaders: HF, Mistral consolidated and GGUF checkpoints as canonical float32 tensors.
+
+Whatever the source, :func:`load_weights` returns the Hugging Face Mistral/Llama naming without
+the ``model.`` prefix, every tensor float32 on the CPU:
+
+    embed_tokens.weight                          [V, hidden]
+    layers.{i}.input_layernorm.weight            [hidden]
+    layers.{i}.self_attn.q_proj.weight           [H*D, hidden]   rows in rotate-half order
+    layers.{i}.self_attn.k_proj.weight           [KVH*D, hidden] rows in rotate-half order
+    layers.{i}.self_attn.v_proj.weight           [KVH*D, hidden]
+    layers.{i}.self_attn.o_proj.weight           [hidden, H*D]
+    layers.{i}.post_attention_layernorm.weight   [hidden]
+    layers.{i}.mlp.gate_proj.weight              [I, hidden]
+    layers.{i}.mlp.up_proj.weight                [I, hidden]
+    layers.{i}.mlp.down_proj.weight              [hidden, I]
+    norm.weight                                  [hidden]
+    lm_head.weight                               [V, hidden]     only when not tied
+
+Mistral consolidated checkpoints and GGUF files keep each head's q/k rows in Meta's interleaved
+rotary order (rows 2j and 2j+1 rotate together); HF rotates rows j and j + D/2 together.
+:func:`interleaved_to_rotate_half` converts, as transformers' ``convert_mistral_weights_to_hf``
+and its GGUF loader do.
+
+Names and shapes are checked against the config before any tensor data is read, so a wrong or
+foreign checkpoint fails at once with :class:`WeightsError` naming the tensor and file.
+GGUF files are dequantized once into the cache described in :mod:`model.gguf_file`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from model import gguf_file
+from model.config import ConfigError, ModelConfig
+from model.default_model import default_model_path
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """A checkpoint's weights are missing, unreadable, or do not fit its config."""
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """A checkpoint's config and its tensors under canonical names (float32, CPU)."""
+
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    source: Path  # the folder or GGUF file the weights came from
+
+
+# Canonical names ------------------------------------------------------------------------------
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor the config implies, with its shape."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (config.vocab_size, hidden)}
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "self_attn.q_proj.weight"] = (config.q_size, hidden)
+        shapes[p + "self_attn.k_proj.weight"] = (config.kv_size, hidden)
+        shapes[p + "self_attn.v_proj.weight"] = (config.kv_size, hidden)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, config.q_size)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    shapes["norm.weight"] = (hidden,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes
+
+
+# Source name -> canonical name, "{i}" standing for the layer index.
+_CONSOLIDATED_NAMES = {
+    "tok_embeddings.weight": "embed_tokens.weight",
+    "norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "layers.{i}.attention_norm.weight": "layers.{i}.input_layernorm.weight",
+    "layers.{i}.attention.wq.weight": "layers.{i}.self_attn.q_proj.weight",
+    "layers.{i}.attention.wk.weight": "layers.{i}.self_attn.k_proj.weight",
+    "layers.{i}.attention.wv.weight": "layers.{i}.self_attn.v_proj.weight",
+    "layers.{i}.attention.wo.weight": "layers.{i}.self_attn.o_proj.weight",
+    "layers.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.feed_forward.w1.weight": "layers.{i}.mlp.gate_proj.weight",
+    "layers.{i}.feed_forward.w2.weight": "layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.feed_forward.w3.weight": "layers.{i}.mlp.up_proj.weight",
+}
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
+}
+# Extras that carry nothing a forward pass needs (precomputed rotary tables).
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)attn_rot_embd(\.weight)?$")
+_LAYER_INDEX = re.compile(r"^(?:layers|blk)\.(\d+)\.")
+
+
+def _table_renamer(table: Mapping[str, str]) -> Callable[[str], str | None]:
+    """Rename through a ``{i}`` table; None for names the table does not know."""
+
+    def rename(name: str) -> str | None:
+        match = _LAYER_INDEX.match(name)
+        if match is None:
+            return table.get(name)
+        pattern = table.get(name[: match.start(1)] + "{i}" + name[match.end(1):])
+        return None if pattern is None else pattern.replace("{i}", match.group(1))
+
+    return rename
+
+
+def _hf_rename(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def interleaved_to_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows from Meta's interleaved rotary layout to HF's rotate-half.
+
+    Within each head of D rows, interleaved row 2j + c (c in {0, 1}) moves to row c*D/2 + j;
+    llama.cpp's converter applies the inverse when it writes GGUF files.
+    """
+    rows, cols = weight.shape
+    half = rows // num_heads // 2
+    # [H*D, hidden] -> [H, D/2, 2, hidden] -> [H, 2, D/2, hidden] -> [H*D, hidden]
+    return weight.reshape(num_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# Planning: names and shapes, checked before reading data --------------------------------------
+@dataclass(frozen=True)
+class _Source:
+    """Where one canonical tensor is stored and how to bring it to canonical layout."""
+
+    file: Path
+    name: str  # name inside the file
+    shape: tuple[int, ...]  # as stored (torch order)
+    rotary_heads: int | None = None  # interleaved q/k rows to reorder, over this many heads
+
+
+def _plan(found: Mapping[str, tuple[Path, tuple[int, ...]]],
+          rename: Callable[[str], str | None], config: ModelConfig, checkpoint: Path,
+          interleaved: bool = False) -> dict[str, _Source]:
+    """Map stored tensors to canonical names and check them against the config's shapes.
+
+    ``found`` maps each stored name to its file and shape. Raises WeightsError on a missing,
+    misshapen or unexpected tensor; ignores rotary tables and a tied checkpoint's lm_head.
+    """
+    expected = expected_shapes(config)
+    plan: dict[str, _Source] = {}
+    for name, (file, shape) in found.items():
+        canonical = rename(name)
+        if canonical is None or canonical not in expected:
+            if _IGNORED.search(name) or (canonical == "lm_head.weight"
+                                         and config.tie_word_embeddings):
+                continue
+            raise WeightsError(_unexpected(name, file, config))
+        if canonical in plan:
+            raise WeightsError(f"{file}: tensor {name!r} is stored twice "
+                               f"(also in {plan[canonical].file})")
+        if shape != expected[canonical]:
+            raise WeightsError(f"{file}: tensor {name!r} has shape {list(shape)}, the config "
+                               f"implies {list(expected[canonical])} for {canonical!r}")
+        heads = None
+        if interleaved and canonical.endswith("q_proj.weight"):
+            heads = config.num_heads
+        elif interleaved and canonical.endswith("k_proj.weight"):
+            heads = config.num_kv_heads
+        plan[canonical] = _Source(file, name, shape, heads)
+    missing = [name for name in expected if name not in plan]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{checkpoint}: tensor {missing[0]!r} is missing{more}")
+    return plan
+
+
+def _unexpected(name: str, file: Path, config: ModelConfig) -> str:
+    if name.endswith(".bias"):
+        return f"{file}: tensor {name!r} is a bias; biased projections are not supported"
+    if name == "rope_freqs.weight":
+        return f"{file}: tensor {name!r} holds rope scaling factors, which are not supported"
+    return (f"{file}: unexpected tensor {name!r}; not part of a {config.num_layers}-layer "
+            "Mistral/Llama decoder")
+
+
+# Entry point ----------------------------------------------------------------------------------
+def load_weights(path: Path | None = None, *, progress: bool = True) -> LoadedWeights:
+    """Load a checkpoint: a HF folder, a Mistral consolidated folder, or a GGUF file.
+
+    ``path=None`` loads the embedded default model. ``progress`` shows a tqdm bar on stderr
+    while tensors are read or dequantized. Raises WeightsError (or ConfigError for a bad
+    config file) with a one-line message naming the file and tensor at fault.
+    """
+    path = default_model_path() if path is None else Path(path).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _load_folder(path, progress)
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        return _load_gguf(path, progress)
+    raise WeightsError(f"{path}: not a GGUF file; give a GGUF file, or the folder holding a "
+                       "HF (config.json) or Mistral (params.json) checkpoint")
+
+
+def _load_folder(folder: Path, progress: bool) -> LoadedWeights:
+    hf_files = _hf_weight_files(folder)
+    consolidated = sorted(folder.glob("consolidated*.safetensors"))
+    if (folder / "config.json").is_file() and hf_files:
+        config = ModelConfig.from_hf_config(_read_json(folder / "config.json"))
+        plan = _plan(_scan_safetensors(hf_files), _hf_rename, config, folder)
+    elif (folder / "params.json").is_file() and consolidated:
+        found = _scan_safetensors(consolidated)
+        params = _read_json(folder / "params.json")
+        embed = found.get("tok_embeddings.weight")
+        config = ModelConfig.from_mistral_params(params, embed[1][0] if embed else None)
+        plan = _plan(found, _table_renamer(_CONSOLIDATED_NAMES), config, folder,
+                     interleaved=True)
+    else:
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1 and not (folder / "config.json").exists():
+            return _load_gguf(ggufs[0], progress)
+        raise WeightsError(_no_weights_message(folder))
+    tensors = _read_planned(plan, progress)
+    return LoadedWeights(config=config, tensors=tensors, source=folder)
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index}: no 'weight_map' object")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise WeightsError(f"{index}: names shard {file.name!r}, which is missing")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("model-*-of-*.safetensors"))
+
+
+def _no_weights_message(folder: Path) -> str:
+    pickles = sorted(p.name for p in [*folder.glob("*.bin"), *folder.glob("*.pth")])
+    if pickles:
+        return (f"{folder}: only PyTorch pickles ({', '.join(pickles[:3])}) found; "
+                "ringserve reads safetensors or GGUF (convert the checkpoint first)")
+    if (folder / "config.json").is_file():
+        return f"{folder}: config.json but no model.safetensors or model.safetensors.index.json"
+    if (folder / "params.json").is_file():
+        return f"{folder}: params.json but no consolidated*.safetensors"
+    return (f"{folder}: no checkpoint found (expected config.json + model.safetensors, "
+            "params.json + consolidated.safetensors, or one .gguf file)")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+# Safetensors ----------------------------------------------------------------------------------
+def _scan_safetensors(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor's file and shape, from the headers only."""
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    if name in found:
+                        raise WeightsError(f"{file}: tensor {name!r} is stored twice "
+                                           f"(also in {found[name][0]})")
+                    found[name] = (file, tuple(handle.get_slice(name).get_shape()))
+        except (SafetensorError, OSError) as exc:
+            raise WeightsError(f"{file}: unreadable safetensors file, truncated or corrupt "
+                               f"({exc})") from exc
+    return found
+
+
+def _read_planned(plan: Mapping[str, _Source], progress: bool) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[tuple[str, _Source]]] = {}
+    for canonical, source in plan.items():
+        by_file.setdefault(source.file, []).append((canonical, source))
+    tensors: dict[str, torch.Tensor] = {}
+    with tqdm(total=len(plan), desc="loading weights", unit="tensor", file=sys.stderr,
+              disable=not progress) as bar:
+        for file, items in by_file.items():
+            bar.set_postfix_str(file.name)
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for canonical, source in items:
+                        tensor = handle.get_tensor(source.name).to(torch.float32)
+                        if source.rotary_heads is not None:
+                            tensor = interleaved_to_rotate_half(tensor, source.rotary_heads)
+                        tensors[canonical] = tensor.contiguous()
+                        bar.update()
+            except (SafetensorError, OSError) as exc:
+                raise WeightsError(f"{file}: unreadable safetensors file ({exc})") from exc
+    return tensors
+
+
+# GGUF -----------------------------------------------------------------------------------------
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _load_gguf(path: Path, progress: bool) -> LoadedWeights:
+    entry = gguf_file.cache_entry(path)
+    cached = _read_gguf_cache(entry)
+    if cached is None:
+        return _convert_gguf(path, entry, progress)
+    meta, tensors = cached
+    config = ModelConfig.from_gguf_metadata(meta, "lm_head.weight" in tensors)
+    cache_file = entry / gguf_file.WEIGHTS_FILE
+    _plan({name: (cache_file, tuple(t.shape)) for name, t in tensors.items()},
+          lambda name: name, config, cache_file)
+    return LoadedWeights(config=config, tensors=tensors, source=path)
+
+
+def _read_gguf_cache(entry: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    weights_file = entry / gguf_file.WEIGHTS_FILE
+    if not weights_file.is_file():
+        return None
+    meta = gguf_file.read_cached_metadata(entry)
+    if meta is None:
+        return None
+    try:
+        return meta, load_file(str(weights_file))
+    except (SafetensorError, OSError) as exc:
+        logger.warning("ignoring unreadable cache file %s (%s); converting again",
+                       weights_file, exc)
+        return None
+
+
+def _convert_gguf(path: Path, entry: Path, progress: bool) -> LoadedWeights:
+    message = f"ringserve: converting {path.name} to float32 once; cache: {entry}"
+    if progress:
+        print(message, file=sys.stderr)
+    else:
+        logger.info(message)
+    try:
+        reader = gguf_file.open_gguf(path)
+        meta = gguf_file.reader_metadata(reader)
+        stored = {tensor.name: tensor for tensor in reader.tensors}
+        config = ModelConfig.from_gguf_metadata(meta, "output.weight" in stored)
+        plan = _plan({name: (path, gguf_file.tensor_shape(t)) for name, t in stored.items()},
+                     _table_renamer(_GGUF_NAMES), config, path, interleaved=True)
+        for source in plan.values():  # fail on an unknown type before converting anything
+            gguf_file.check_dequantizable(stored[source.name], path)
+        tensors: dict[str, torch.Tensor] = {}
+        for canonical, source in tqdm(plan.items(), desc="dequantizing", unit="tensor",
+                                      file=sys.stderr, disable=not progress):
+            tensor = torch.from_numpy(gguf_file.dequantize(stored[source.name], path))
+            if source.rotary_heads is not None:
+                tensor = interleaved_to_rotate_half(tensor, source.rotary_heads)
+            tensors[canonical] = tensor.contiguous()
+    except gguf_file.GGUFError as exc:
+        raise WeightsError(str(exc)) from exc
+    try:
+        gguf_file.save_cached_metadata(entry, meta)
+        gguf_file.write_atomically(
+            entry / gguf_file.WEIGHTS_FILE,
+            lambda temp: save_file(tensors, str(temp), metadata={"source": str(path)}))
+    except OSError as exc:  # a read-only cache costs speed on the next load, not correctness
+        print(f"ringserve: cannot write the GGUF cache in {entry}: {exc}", file=sys.stderr)
+    return LoadedWeights(config=config, tensors=tensors, source=path)

@@ -316,10 +316,10 @@ def test_microbenchmark_b32_v49152() -> None:
     randn = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(10))
     report = []
     for name, logits in (("flat", randn), ("peaked", randn * 4)):
-        sample(logits, rows)
-        iters = 5
-        start = time.perf_counter()
-        for _ in range(iters):
+        times = []
+        for _ in range(6):  # the first call warms up; the best of the rest resists a busy box
+            start = time.perf_counter()
             sample(logits, rows)
-        report.append(f"{name} {(time.perf_counter() - start) / iters * 1e3:.1f} ms")
-    print(f"\nsample() B={batch} V={vocab} mixed batch, per call: " + ", ".join(report))
+            times.append(time.perf_counter() - start)
+        report.append(f"{name} {min(times[1:]) * 1e3:.1f} ms")
+    print(f"\nsample() B={batch} V={vocab} mixed batch, best call: " + ", ".join(report))

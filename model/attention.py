@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 # Queries per block for CPU banded attention. Each block reads W + QUERY_BLOCK - 1 keys, so
-# smaller blocks waste less on the band's edges while larger ones make bigger matmuls; 256
+# (at most W/2) larger blocks make bigger kernels at a fixed band cost; 1024
 # balances the two on AVX2 CPUs for W = 4096 (see bench/attention_bench.py).
-QUERY_BLOCK = 256
+QUERY_BLOCK = 1024
 
 
 def _flash_attn_func():  # pragma: no cover - only on CUDA machines with flash-attn
@@ -63,19 +63,90 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start
     qh = q.transpose(0, 1)[None]  # [1, H, Tq, D]
     kh = k.transpose(0, 1)[None]  # [1, KVH, Tk, D]
     vh = v.transpose(0, 1)[None]  # [1, KVH, Tk, D]
-    if window is None or num_k <= window or q.is_cuda:
+    if window is None or num_k <= window or q.is_cuda or _flash_cpu() is None:
         return _sdpa(qh, kh, vh, q_start, k_start, window)[0].transpose(0, 1)
-    out = torch.empty_like(qh)  # [1, H, Tq, D]
-    for block_start in range(0, num_q, query_block):
-        block_end = min(block_start + query_block, num_q)
-        first_pos = q_start + block_start
-        # Keys this block can reach: positions first_pos-W+1 .. q_start+block_end-1.
-        key_lo = max(0, first_pos - window + 1 - k_start)
-        key_hi = block_end + (num_k - num_q)
-        out[:, :, block_start:block_end] = _sdpa(
-            qh[:, :, block_start:block_end], kh[:, :, key_lo:key_hi], vh[:, :, key_lo:key_hi],
-            first_pos, k_start + key_lo, window)
-    return out[0].transpose(0, 1)
+    return _banded_cpu(qh, kh, vh, q_start, k_start, window, query_block)[0].transpose(0, 1)
+
+
+def _flash_cpu():
+    """PyTorch's CPU flash-attention kernel that also returns the log-sum-exp, if present."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _banded_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,
+                window: int, query_block: int) -> torch.Tensor:
+    """Windowed attention that computes only the band: O(T * W) instead of O(T^2).
+
+    q: [1, H, Tq, D]; k, v: [1, KVH, Tk, D]. Queries go in blocks of n <= W/2. For a block
+    whose first query is at position a, the keys it may see split into three parts, each run
+    by the CPU flash kernel without an explicit mask::
+
+        keys:   [a-W+1 ........ a-W+n] [a-W+n+1 ..... a-1] [a ......... a+n-1]
+        part:   edge (j >= i)          middle (all seen)    diagonal (j <= i)
+
+    The edge is a causal triangle read backwards (reverse queries and keys, run causal,
+    reverse back); the middle needs no mask, so grouped query heads fold into one matmul per
+    KV head. The parts merge through their log-sum-exps. Work per block is n * W, the band
+    exactly. Blocks at the start of a sequence (no edge yet) or straddling it use a mask.
+    """
+    flash = _flash_cpu()
+    num_q = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    block = max(1, min(query_block, window // 2))
+    out = torch.empty_like(q)  # [1, H, Tq, D]
+    for b0 in range(0, num_q, block):
+        n = min(block, num_q - b0)
+        a = q_start + b0
+        qb = q[:, :, b0:b0 + n]  # [1, H, n, D]
+
+        def keys(first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+            lo, hi = first - k_start, last - k_start + 1
+            return k[:, :, lo:hi], v[:, :, lo:hi]  # [1, KVH, len, D]
+
+        edge_lo, edge_hi = a - window + 1, a - window + n
+        if edge_lo < k_start <= edge_hi:  # the block straddles the sequence start: mask it
+            kb, vb = keys(k_start, a + n - 1)
+            out[:, :, b0:b0 + n] = _sdpa(qb, kb, vb, a, k_start, window)
+            continue
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (out [1,H,n,D], lse [1,H,n])
+        ke, ve = keys(a, a + n - 1)
+        parts.append(flash(qb, _expand(ke, group), _expand(ve, group), 0.0, True))
+        if edge_lo >= k_start:
+            ke, ve = keys(edge_lo, edge_hi)
+            flipped = flash(qb.flip(2), _expand(ke, group).flip(2), _expand(ve, group).flip(2),
+                            0.0, True)
+            parts.append((flipped[0].flip(2), flipped[1].flip(2)))
+        middle_lo = max(k_start, edge_hi + 1)
+        if middle_lo <= a - 1:
+            km, vm = keys(middle_lo, a - 1)
+            parts.append(_grouped_full(flash, qb, km, vm, group))
+        out[:, :, b0:b0 + n] = _merge(parts)
+    return out
+
+
+def _expand(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[1, KVH, T, D] -> [1, KVH * group, T, D]: each KV head serves ``group`` query heads."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _grouped_full(flash, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention with the query heads of each KV head folded into its query rows."""
+    _, num_heads, n, dim = q.shape
+    num_kv = k.shape[1]
+    folded = q.reshape(1, num_kv, group * n, dim)  # [1, KVH, G*n, D]
+    out, lse = flash(folded, k, v, 0.0, False)
+    return out.reshape(1, num_heads, n, dim), lse.reshape(1, num_heads, n)
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Combine attention over disjoint key sets from each part's output and log-sum-exp."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([p[1] for p in parts])  # [P, 1, H, n]
+    weights = torch.softmax(lse, dim=0).unsqueeze(-1)  # [P, 1, H, n, 1]
+    return sum((weights[i] * parts[i][0] for i in range(len(parts))),
+               torch.zeros_like(parts[0][0]))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,

@@ -24,13 +24,13 @@ from model.config import ModelConfig
 from model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from model.detokenizer import IncrementalDetokenizer
 from model.engine_args import EngineArgs
-from model.kv_cache import CacheGeometry, KVCachePool
+from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk
 from model.requests import EngineStats, FinishReason, GenerationChunk, GenerationRequest
 from model.sampler import SamplingRow, sample
 from model.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from model.stop import StopChecker, is_stop_token
 from model.tokenizer import Tokenizer, load_tokenizer
-from model.transformer import SequenceChunk, Transformer
+from model.transformer import Transformer
 from model.weights import load_weights
 
 logger = logging.getLogger(__name__)

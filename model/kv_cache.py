@@ -10,6 +10,7 @@ Mistral 7B paper's rolling buffer. The allocator is pure Python (no torch) and o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,3 +153,84 @@ class KVCachePool:
     def used_bytes(self) -> int:
         """Bytes of the slots currently handed out."""
         return self.geometry.bytes_per_slot * (self.num_slots - self.allocator.num_free)
+
+
+@dataclass(frozen=True)
+class SequenceChunk:
+    """One sequence's share of a forward pass: tokens start_pos .. start_pos+num_tokens-1."""
+
+    slot: int
+    start_pos: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """Where one prefill chunk reads its history from and writes itself to, in its slot."""
+
+    chunk: SequenceChunk
+    token_lo: int  # the chunk's tokens are [token_lo, token_hi) of the flat batch
+    token_hi: int
+    history_rows: torch.Tensor | None  # [hist] rows of the visible history, oldest first
+    write_rows: torch.Tensor  # [keep] rows for the chunk's last keep = min(T, W) tokens
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Batched single-token steps: their slots, the row each writes, which rows each reads."""
+
+    token_index: torch.Tensor  # [B] position of each decode token in the flat batch
+    slots: torch.Tensor  # [B]
+    write_rows: torch.Tensor  # [B] row = pos % W
+    valid: torch.Tensor  # [B, L] rows 0..min(pos+1, W)-1 are valid after the write
+    covers_batch: bool  # every token of the batch is a decode (no gather/scatter needed)
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Everything the layers need to read and write the rolling cache, computed once a step."""
+
+    prefills: tuple[PrefillPlan, ...]
+    decode: DecodePlan | None
+
+
+def plan_cache_access(chunks: Sequence[SequenceChunk], buffer_len: int, window: int | None,
+                      device: torch.device | str = "cpu") -> CachePlan:
+    """Turn a step's chunks into cache rows (all the i mod W arithmetic goes through
+    :func:`rolling_rows`). A chunk of one token past position 0 is a decode: it writes
+    first, then reads the valid rows. A longer chunk reads its visible history first, then
+    writes its last min(T, W) tokens: earlier ones would be overwritten in the same step."""
+    prefills: list[PrefillPlan] = []
+    decode_index: list[int] = []
+    decode_chunks: list[SequenceChunk] = []
+    offset = 0
+    for chunk in chunks:
+        lo, hi = offset, offset + chunk.num_tokens
+        offset = hi
+        if chunk.num_tokens == 1 and chunk.start_pos > 0:
+            decode_index.append(lo)
+            decode_chunks.append(chunk)
+            continue
+        history = visible_history(chunk.start_pos, window)
+        history_rows = (torch.tensor(rolling_rows(chunk.start_pos - history, history,
+                                                  buffer_len), device=device)
+                        if history else None)
+        keep = min(chunk.num_tokens, buffer_len)
+        first = chunk.start_pos + chunk.num_tokens - keep
+        write_rows = torch.tensor(rolling_rows(first, keep, buffer_len), device=device)
+        prefills.append(PrefillPlan(chunk, lo, hi, history_rows, write_rows))
+    decode = None
+    if decode_chunks:
+        valid_len = [min(c.start_pos + 1, buffer_len) for c in decode_chunks]
+        length = max(valid_len)
+        valid = (torch.arange(length, device=device)[None, :]
+                 < torch.tensor(valid_len, device=device)[:, None])  # [B, L]
+        decode = DecodePlan(
+            token_index=torch.tensor(decode_index, device=device),
+            slots=torch.tensor([c.slot for c in decode_chunks], device=device),
+            write_rows=torch.tensor([rolling_rows(c.start_pos, 1, buffer_len)[0]
+                                     for c in decode_chunks], device=device),
+            valid=valid,
+            covers_batch=len(decode_chunks) == offset,
+        )
+    return CachePlan(tuple(prefills), decode)

@@ -9,7 +9,6 @@ prefills that attend to their cached window plus themselves.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +16,15 @@ from torch import nn
 
 from model.attention import decode_attention, prefill_attention
 from model.config import ModelConfig
-from model.kv_cache import KVCachePool, rolling_rows, visible_history
+from model.kv_cache import (
+    CachePlan,
+    DecodePlan,
+    KVCachePool,
+    PrefillPlan,
+    SequenceChunk,
+    plan_cache_access,
+)
 from model.rope import RotaryEmbedding, apply_rotary
-
-
-@dataclass(frozen=True)
-class SequenceChunk:
-    """One sequence's share of a forward pass: tokens start_pos .. start_pos+num_tokens-1."""
-
-    slot: int
-    start_pos: int
-    num_tokens: int
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +57,7 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                chunks: Sequence[SequenceChunk], cache: KVCachePool | None) -> torch.Tensor:
+                plan: CachePlan | None, cache: KVCachePool | None) -> torch.Tensor:
         """x: [N, hidden] for all chunks' tokens, concatenated in chunk order."""
         cfg = self.config
         num_tokens = x.shape[0]
@@ -69,79 +66,59 @@ class DecoderLayer(nn.Module):
         q = apply_rotary(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)  # [N, H, D]
         k = apply_rotary(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [N, KVH, D]
-        attn = self._attention(q, k, v, chunks, cache)  # [N, H, D]
+        attn = self._attention(q, k, v, plan, cache)  # [N, H, D]
         x = x + self.o_proj(attn.reshape(num_tokens, cfg.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   chunks: Sequence[SequenceChunk], cache: KVCachePool | None) -> torch.Tensor:
+                   plan: CachePlan | None, cache: KVCachePool | None) -> torch.Tensor:
         window = self.config.sliding_window
+        if plan is None:  # no cache: one fresh sequence attends to itself
+            return prefill_attention(q, k, v, 0, window)
+        assert cache is not None
+        k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
+        decode = plan.decode
+        if decode is not None and decode.covers_batch:
+            return self._decode(q, k, v, decode, k_cache, v_cache)
         out = torch.empty_like(q)  # [N, H, D]
-        decode_index: list[int] = []  # token index of each decode chunk in the flat batch
-        decode_chunks: list[SequenceChunk] = []
-        offset = 0
-        for chunk in chunks:
-            lo, hi = offset, offset + chunk.num_tokens
-            offset = hi
-            if cache is not None and chunk.num_tokens == 1 and chunk.start_pos > 0:
-                decode_index.append(lo)
-                decode_chunks.append(chunk)
-                continue
-            out[lo:hi] = self._prefill(q[lo:hi], k[lo:hi], v[lo:hi], chunk, cache, window)
-        if decode_chunks:
-            index = torch.tensor(decode_index, device=q.device)
-            out[index] = self._decode(q[index], k[index], v[index], decode_chunks, cache)
+        for prefill in plan.prefills:
+            lo, hi = prefill.token_lo, prefill.token_hi
+            out[lo:hi] = self._prefill(q[lo:hi], k[lo:hi], v[lo:hi], prefill, k_cache, v_cache,
+                                       window)
+        if decode is not None:
+            index = decode.token_index
+            out[index] = self._decode(q[index], k[index], v[index], decode, k_cache, v_cache)
         return out
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: SequenceChunk,
-                 cache: KVCachePool | None, window: int | None) -> torch.Tensor:
+    @staticmethod
+    def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PrefillPlan,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, window: int | None
+                 ) -> torch.Tensor:
         """A chunk attends to its visible cached history plus itself, then is cached."""
-        if cache is None:
-            if chunk.start_pos != 0:
-                raise ValueError("a chunk that starts past position 0 needs a KV cache")
-            return prefill_attention(q, k, v, 0, window)
-        k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
-        buffer_len = cache.buffer_len
-        history = visible_history(chunk.start_pos, window)
-        if history:
-            rows = torch.tensor(rolling_rows(chunk.start_pos - history, history, buffer_len),
-                                device=q.device)
-            k_hist = k_cache[chunk.slot][:, rows].transpose(0, 1)  # [hist, KVH, D]
-            v_hist = v_cache[chunk.slot][:, rows].transpose(0, 1)
+        slot = plan.chunk.slot
+        if plan.history_rows is not None:
+            k_hist = k_cache[slot][:, plan.history_rows].transpose(0, 1)  # [hist, KVH, D]
+            v_hist = v_cache[slot][:, plan.history_rows].transpose(0, 1)
             keys, values = torch.cat((k_hist, k)), torch.cat((v_hist, v))
         else:
             keys, values = k, v
-        out = prefill_attention(q, keys, values, chunk.start_pos, window)
-        # Only the last buffer_len positions of the chunk survive in the rolling buffer.
-        keep = min(chunk.num_tokens, buffer_len)
-        first = chunk.start_pos + chunk.num_tokens - keep
-        rows = torch.tensor(rolling_rows(first, keep, buffer_len), device=q.device)
-        k_cache[chunk.slot][:, rows] = k[-keep:].transpose(0, 1)  # [KVH, keep, D]
-        v_cache[chunk.slot][:, rows] = v[-keep:].transpose(0, 1)
+        out = prefill_attention(q, keys, values, plan.chunk.start_pos, window)
+        keep = plan.write_rows.numel()
+        k_cache[slot][:, plan.write_rows] = k[-keep:].transpose(0, 1)  # [KVH, keep, D]
+        v_cache[slot][:, plan.write_rows] = v[-keep:].transpose(0, 1)
         return out
 
-    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                chunks: Sequence[SequenceChunk], cache: KVCachePool | None) -> torch.Tensor:
+    @staticmethod
+    def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: DecodePlan,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Batched single-token steps: write each new K/V at pos % W, attend to valid rows."""
-        assert cache is not None
-        k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
-        buffer_len = cache.buffer_len
-        device = q.device
-        slots = torch.tensor([c.slot for c in chunks], device=device)
-        rows = torch.tensor([rolling_rows(c.start_pos, 1, buffer_len)[0] for c in chunks],
-                            device=device)
-        k_cache[slots, :, rows] = k  # k: [B, KVH, D]
-        v_cache[slots, :, rows] = v
-        # After the write, rows 0 .. min(pos+1, W)-1 of each slot hold exactly the positions
-        # this query may see (the buffer is W long, so older positions were overwritten).
-        valid_len = [min(c.start_pos + 1, buffer_len) for c in chunks]
-        length = max(valid_len)
-        valid = (torch.arange(length, device=device)[None, :]
-                 < torch.tensor(valid_len, device=device)[:, None])  # [B, L]
-        k_seq = k_cache[slots, :, :length]  # [B, KVH, L, D]
-        v_seq = v_cache[slots, :, :length]
-        return decode_attention(q, k_seq, v_seq, valid)
+        k_cache[plan.slots, :, plan.write_rows] = k  # k: [B, KVH, D]
+        v_cache[plan.slots, :, plan.write_rows] = v
+        length = plan.valid.shape[1]
+        k_seq = k_cache[plan.slots, :, :length]  # [B, KVH, L, D]
+        v_seq = v_cache[plan.slots, :, :length]
+        return decode_attention(q, k_seq, v_seq, plan.valid)
 
 
 class Transformer(nn.Module):
@@ -210,9 +187,16 @@ class Transformer(nn.Module):
         if positions.numel() != token_ids.numel():
             raise ValueError("token_ids and chunks disagree on the number of tokens")
         cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [N, 1, D]
+        if cache is None:
+            if len(chunks) != 1 or chunks[0].start_pos != 0:
+                raise ValueError("without a KV cache, run one sequence from position 0")
+            plan = None
+        else:
+            plan = plan_cache_access(chunks, cache.buffer_len, self.config.sliding_window,
+                                     token_ids.device)
         x = self.embed_tokens(token_ids)  # [N, hidden]
         for layer in self.layers:
-            x = layer(x, cos, sin, chunks, cache)
+            x = layer(x, cos, sin, plan, cache)
         if not all_logits:
             last = torch.tensor(list(_cumulative_ends(chunks)), device=x.device) - 1
             x = x[last]  # [num_chunks, hidden]

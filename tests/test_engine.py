@@ -10,10 +10,10 @@ import torch
 
 from model.engine import Engine, EngineRequestError
 from model.engine_args import EngineArgs
-from model.kv_cache import CacheGeometry, KVCachePool
+from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk
 from model.requests import GenerationRequest
 from model.sampling_params import SamplingParams
-from model.transformer import SequenceChunk, Transformer
+from model.transformer import Transformer
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_hf_checkpoint
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.transformer import SequenceChunk, Transformer
+from model.kv_cache import SequenceChunk
+from model.transformer import Transformer
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_hf_checkpoint
 

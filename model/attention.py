@@ -19,9 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Queries per block for CPU banded attention. Each block reads W + QUERY_BLOCK - 1 keys, so
-# (at most W/2) larger blocks make bigger kernels at a fixed band cost; 1024
-# balances the two on AVX2 CPUs for W = 4096 (see bench/attention_bench.py).
+# Queries per block for CPU banded attention (capped at W/2). The band's cost is the same for
+# any block size; larger blocks make fewer, bigger kernel calls (bench/paper_claims.py).
 QUERY_BLOCK = 1024
 
 

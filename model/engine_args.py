@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class EngineArgs:
     """How to build an engine. Defaults suit the embedded default model on a small CPU box."""
 
-    model: str | None = None  # checkpoint folder, .gguf file, or None/"default" for the embedded model
+    model: str | None = None  # checkpoint folder or .gguf file; None/"default": embedded model
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA; or float32/bfloat16/float16
     device: str = "auto"  # auto: cuda when available, else cpu
     window: int | None = None  # override the checkpoint's sliding window (tokens)

@@ -9,14 +9,25 @@ event-loop turn, which still gathers requests that arrived in the same turn.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 SendFn = Callable[[str, list[T]], Awaitable[None]]
+
+
+def spawn(coro: Coroutine[Any, Any, R]) -> asyncio.Task[R]:
+    """Start a task in a fresh context, detached from the HTTP request that caused it.
+
+    Serve keys handle calls by the request context they are made in; a batch (or poll, or
+    abort) serves many requests, so it must not carry the first one's context.
+    """
+    return contextvars.Context().run(asyncio.get_running_loop().create_task, coro)
 
 
 class MicroBatcher(Generic[T]):
@@ -40,7 +51,8 @@ class MicroBatcher(Generic[T]):
             self._flush(replica_id)
         elif replica_id not in self._timers:
             loop = asyncio.get_running_loop()
-            self._timers[replica_id] = loop.call_later(self._window_s, self._flush, replica_id)
+            self._timers[replica_id] = loop.call_later(self._window_s, self._flush, replica_id,
+                                                       context=contextvars.Context())
 
     def discard(self, replica_id: str, item: T) -> bool:
         """Take back an item that has not been sent yet (its client left); True if found."""
@@ -60,7 +72,7 @@ class MicroBatcher(Generic[T]):
         batch = self._pending.pop(replica_id, [])
         if not batch:
             return
-        task = asyncio.get_running_loop().create_task(self._send(replica_id, batch))
+        task = spawn(self._send(replica_id, batch))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.admission import Accepted, LoadBoard, NoReplica, ReplicaSnapshot, Shed
-from app.batcher import MicroBatcher
+from app.batcher import MicroBatcher, spawn
 from app.errors import APIError
 from app.llm_server import BatchItem, Event, ItemError, Routed
 from app.metrics import RouterMetrics
@@ -112,7 +112,7 @@ class Dispatcher:
     # Load polling ---------------------------------------------------------------------
     def start(self) -> None:
         if self._poll_task is None or self._poll_task.done():
-            self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
+            self._poll_task = spawn(self._poll_forever())
 
     async def _poll_forever(self) -> None:
         while True:
@@ -147,14 +147,13 @@ class Dispatcher:
         self.board.report(snap, sent_at)
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        """Poll until some replica has reported (True) or the timeout passes (False)."""
+        """Wait until some replica has reported healthy (True) or the timeout passes (False)."""
+        self.start()
         end = time.monotonic() + timeout_s
         while not self.board.healthy_ids():
             if time.monotonic() >= end:
                 return False
-            await self.poll()
-            if not self.board.healthy_ids():
-                await asyncio.sleep(min(self._interval, 0.5))
+            await asyncio.sleep(0.05)
         return True
 
     # Requests -------------------------------------------------------------------------
@@ -194,7 +193,7 @@ class Dispatcher:
             self._metrics.count(self._metrics.cancelled)
         if self._batcher.discard(ticket.replica_id, ticket):
             return
-        task = asyncio.get_running_loop().create_task(self._abort(ticket))
+        task = spawn(self._abort(ticket))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -176,7 +176,7 @@ class LLMServer:
         """The engine's load, for the router's dispatch and shedding decisions."""
         del target
         s = self.engine.stats()
-        self._metrics.record_stats(s, self.replica_id)
+        self._metrics.record_stats(s)
         return ReplicaSnapshot(
             replica_id=self.replica_id, waiting_requests=s.waiting_requests,
             waiting_tokens=s.waiting_tokens, running_sequences=s.running_sequences,

@@ -75,7 +75,7 @@ def _start_serve_if_asked(config: AppConfig) -> None:
     if ray.is_initialized():
         logger.warning("host/port app args are ignored here; set http_options in the config")
         return
-    ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, namespace="serve")
     serve.start(http_options={"host": config.host or "127.0.0.1", "port": config.port or 8000})
 
 

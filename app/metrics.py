@@ -46,17 +46,17 @@ PREDICTED_WAIT = MetricSpec("ringserve_predicted_queue_wait_seconds", "histogram
 BATCH_SIZE = MetricSpec("ringserve_batch_size", "histogram",
                         "Requests per router-to-replica batch call")
 RUNNING = MetricSpec("ringserve_running_sequences", "gauge",
-                     "Sequences holding a cache slot on a replica", ("replica",))
+                     "Sequences holding a cache slot on a replica")
 WAITING = MetricSpec("ringserve_waiting_requests", "gauge",
-                     "Requests queued for a slot on a replica", ("replica",))
+                     "Requests queued for a slot on a replica")
 WAITING_TOKENS = MetricSpec("ringserve_waiting_tokens", "gauge",
-                            "Prompt tokens not yet prefilled on a replica", ("replica",))
+                            "Prompt tokens not yet prefilled on a replica")
 TOKENS_PER_S = MetricSpec("ringserve_tokens_per_second", "gauge",
-                          "Tokens (prefill + decode) a replica processes per second", ("replica",))
+                          "Tokens (prefill + decode) a replica processes per second")
 KV_USED = MetricSpec("ringserve_kv_cache_used_bytes", "gauge",
-                     "KV cache bytes in use on a replica", ("replica",))
+                     "KV cache bytes in use on a replica")
 KV_TOTAL = MetricSpec("ringserve_kv_cache_bytes", "gauge",
-                      "KV cache bytes allocated on a replica", ("replica",))
+                      "KV cache bytes allocated on a replica")
 GENERATED_TOKENS = MetricSpec("ringserve_generated_tokens", "counter",
                               "Output tokens streamed to clients")
 
@@ -119,10 +119,10 @@ class ReplicaMetrics:
     def observe_ttft(self, seconds: float) -> None:
         self.ttft.observe(seconds, tags={"side": "replica"})  # type: ignore[attr-defined]
 
-    def record_stats(self, stats: EngineStats, replica: str = "") -> None:
-        tags = {"replica": replica}
+    def record_stats(self, stats: EngineStats) -> None:
+        # Serve tags every replica metric with its replica id itself ("replica" is reserved).
         values = {RUNNING.name: stats.running_sequences, WAITING.name: stats.waiting_requests,
                   WAITING_TOKENS.name: stats.waiting_tokens, TOKENS_PER_S.name: stats.tokens_per_s,
                   KV_USED.name: stats.kv_cache_used_bytes, KV_TOTAL.name: stats.kv_cache_bytes}
         for name, value in values.items():
-            self.gauges[name].set(float(value), tags=tags)  # type: ignore[attr-defined]
+            self.gauges[name].set(float(value))  # type: ignore[attr-defined]

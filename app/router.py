@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
@@ -58,6 +58,7 @@ from model.sampling_params import SamplingParams, SamplingParamsError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions API
 READY_TIMEOUT_S = 10.0
+REPLICA_HEADER = "X-Ringserve-Replica"  # which LLM replica(s) served the answer
 
 
 def load_router_tokenizer(model: str | None) -> TokenizerLike:
@@ -69,7 +70,7 @@ def load_router_tokenizer(model: str | None) -> TokenizerLike:
 
 
 class Router:
-    """OpenAI-compatible HTTP front end; ``app`` is its FastAPI application."""
+    """OpenAI-compatible HTTP front end; ``http_app`` is its FastAPI application."""
 
     def __init__(self, llm: DeploymentHandle | ReplicaClient, config: AppConfig | dict[str, Any],
                  tokenizer: TokenizerLike | None = None) -> None:
@@ -92,10 +93,10 @@ class Router:
         self._model_name: str | None = self.config.served_model_name
         self._max_model_len: int | None = None
         self._created = int(time.time())
-        self.app = self._build_app()
+        self.http_app = self._build_app()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return self.app
+        return self.http_app
 
     async def shutdown(self) -> None:
         await self.dispatcher.close()
@@ -150,17 +151,35 @@ class Router:
             return ModelList(data=[ModelCard(id=name, created=self._created,
                                              max_model_len=limit)])
 
+        @app.get("/load")
+        async def load() -> JSONResponse:
+            """ringserve extension: the router's view of every replica's load."""
+            self.dispatcher.start()
+            board = self.dispatcher.board
+            replicas = []
+            for rid in board.replica_ids:
+                est = board.estimate(rid)
+                replicas.append({"replica_id": rid, "healthy": rid in board.healthy_ids(),
+                                 "running_sequences": est.running_seqs,
+                                 "waiting_sequences": est.waiting_seqs,
+                                 "waiting_tokens": est.waiting_tokens,
+                                 "free_slots": est.free_slots, "total_slots": est.total_slots,
+                                 "tokens_per_s": est.drain_rate,
+                                 "predicted_wait_s": board.predicted_wait(est)})
+            return JSONResponse({"replicas": replicas,
+                                 "in_flight": self.dispatcher.in_flight()})
+
         @app.post("/v1/completions", response_model=None)
-        async def completions(body: CompletionRequest, request: Request
+        async def completions(body: CompletionRequest, request: Request, response: Response
                               ) -> CompletionResponse | StreamingResponse:
             self._authenticate(request)
-            return await self._completions(body)
+            return await self._completions(body, response)
 
         @app.post("/v1/chat/completions", response_model=None)
-        async def chat(body: ChatCompletionRequest, request: Request
+        async def chat(body: ChatCompletionRequest, request: Request, response: Response
                        ) -> ChatCompletionResponse | StreamingResponse:
             self._authenticate(request)
-            return await self._chat(body)
+            return await self._chat(body, response)
 
         return app
 
@@ -237,7 +256,8 @@ class Router:
         return tickets
 
     # Completions ------------------------------------------------------------------------
-    async def _completions(self, body: CompletionRequest) -> CompletionResponse | StreamingResponse:
+    async def _completions(self, body: CompletionRequest, response: Response
+                           ) -> CompletionResponse | StreamingResponse:
         name, limit = await self._check_model(body.model)
         prompts, texts = self._prompts(body.prompt)
         max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -258,6 +278,7 @@ class Router:
                 lambda states: self._usage_chunk(rid, created, name, "text_completion",
                                                  prompts, states) if include_usage else None)
         states = await self._gather(tickets)
+        response.headers[REPLICA_HEADER] = _replicas(tickets)
         choices = []
         for t, per_ticket in enumerate(states):
             for state in per_ticket:
@@ -297,7 +318,7 @@ class Router:
                    else CompletionResponse.model_validate(body).model_dump_json())
 
     # Chat -------------------------------------------------------------------------------
-    async def _chat(self, body: ChatCompletionRequest
+    async def _chat(self, body: ChatCompletionRequest, response: Response
                     ) -> ChatCompletionResponse | StreamingResponse:
         name, limit = await self._check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -323,6 +344,7 @@ class Router:
                 lambda states: self._usage_chunk(rid, created, name, "chat.completion.chunk",
                                                  [ids], states) if include_usage else None)
         states = (await self._gather(tickets))[0]
+        response.headers[REPLICA_HEADER] = _replicas(tickets)
         choices = [ChatChoice(
             index=s.index, message=AssistantMessage(content="".join(s.text)),
             logprobs=(chat_logprobs(self.tokenizer, s.logprobs, s.top_logprobs)
@@ -437,13 +459,18 @@ class Router:
                 for ticket in tickets:
                     self.dispatcher.cancel(ticket)
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                   REPLICA_HEADER: _replicas(tickets)}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     def _observe_stream(self, start: float, tokens: int) -> None:
         self.metrics.count(self.metrics.generated, float(tokens))
         if tokens > 1:
             self.metrics.observe(self.metrics.tpot, (time.monotonic() - start) / (tokens - 1))
+
+
+def _replicas(tickets: Sequence[Ticket]) -> str:
+    return ",".join(sorted({t.replica_id for t in tickets}))
 
 
 def _json(value: dict[str, Any]) -> str:

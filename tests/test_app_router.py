@@ -32,7 +32,7 @@ def run(coro: Any) -> Any:
 
 
 async def call(router: Router, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    transport = httpx.ASGITransport(app=router.app)
+    transport = httpx.ASGITransport(app=router.http_app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         return await http.request(method, path, **kwargs)
 

@@ -1,0 +1,244 @@
+"""Integration: real Ray Serve + real engine (embedded SmolLM2-135M), loopback only.
+
+The module enters a private network namespace (root only; skipped otherwise) before it starts
+``serve run app.main:build_app ...``: Ray binds ports on all interfaces, and in the namespace
+only loopback exists. The server process inherits the namespace; the test's own HTTP clients
+run in this thread, which is in it too. One Serve instance (2 LLM replicas) serves the module;
+teardown stops it, kills whatever is left in the namespace (all ours) and deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+PORT = 8123
+BASE = f"http://127.0.0.1:{PORT}"
+SLOTS, QUEUE, REPLICAS = 4, 4, 2
+CLONE_NEWNET = 0x40000000
+PROMPT = "The capital of France is"
+CHAT_PROMPT = "Name three colors."
+SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_len=512",
+               f"max_waiting_per_replica={QUEUE}", "batch_window_ms=5", "replica_num_cpus=0.5",
+               "router_num_cpus=0.25", f"port={PORT}", "host=127.0.0.1"]
+BIN = Path(sys.executable).parent
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns failed")
+
+
+def _ns_pids(name: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
+                         timeout=10).stdout
+    return [int(p) for p in out.split()]
+
+
+def _reference(chat: bool, prompt: str, max_tokens: int) -> subprocess.Popen[str]:
+    """`ringserve generate --json`, the engine run in-process, as the greedy reference."""
+    cmd = [str(BIN / "ringserve"), "generate", "--json", "--quiet", "--prompt", prompt,
+           "--max-tokens", str(max_tokens), "--max-model-len", "512"]
+    return subprocess.Popen(cmd + (["--chat"] if chat else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def references() -> Iterator[dict[str, Any]]:
+    procs = {"completion": _reference(False, PROMPT, 8), "chat": _reference(True, CHAT_PROMPT, 8)}
+    out = {}
+    for key, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        out[key] = json.loads(stdout)
+    yield out
+
+
+@pytest.fixture(scope="module")
+def server(references: dict[str, Any]) -> Iterator[str]:
+    if os.geteuid() != 0 or not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists():
+        pytest.skip("needs root and iproute2 for a private network namespace")
+    name = f"rstest{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    proc: subprocess.Popen[bytes] | None = None
+    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115 - closed in teardown
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True, timeout=10)
+        ns_fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+        _setns(ns_fd)
+        os.close(ns_fd)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=tmp)
+        proc = subprocess.Popen([str(BIN / "serve"), "run", "app.main:build_app", *SERVER_ARGS],
+                                cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, Path(tmp, "serve.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "Serve did not become healthy"
+            try:
+                r = httpx.get(f"{BASE}/health", timeout=5)
+                if r.status_code == 200 and r.json()["healthy_replicas"] == REPLICAS:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        yield BASE
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        _setns(original)  # first: this process must not count as one in the namespace
+        os.close(original)
+        for _ in range(20):  # Ray daemons left in the namespace are ours
+            pids = [p for p in _ns_pids(name) if p != os.getpid()]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        log.close()
+        subprocess.run(["ip", "netns", "del", name], timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(base: str) -> list[dict[str, Any]]:
+    return httpx.get(f"{base}/load", timeout=10).json()["replicas"]
+
+
+def test_openai_sdk_matches_engine_cli(server: str, references: dict[str, Any]) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8,
+                                           temperature=0)
+    ref = references["completion"]
+    assert completion.choices[0].text == ref["text"]
+    assert completion.choices[0].finish_reason == ref["finish_reason"]
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == len(ref["token_ids"])
+    assert completion.usage.prompt_tokens == ref["prompt_tokens"]
+
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                          max_tokens=8, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    assert chat.choices[0].message.content == references["chat"]["text"]
+    assert chat.choices[0].logprobs is not None and chat.choices[0].logprobs.content
+    assert len(chat.choices[0].logprobs.content) == len(references["chat"]["token_ids"])
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                            max_tokens=8, temperature=0, stream=True)
+    pieces, finish = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == references["chat"]["text"]
+    assert finish == references["chat"]["finish_reason"]
+
+
+async def _burst(base: str, n: int, max_tokens: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        return await asyncio.gather(*(http.post("/v1/completions", json=body)
+                                      for _ in range(n)))
+
+
+def test_burst_is_spread_over_both_replicas(server: str) -> None:
+    responses = asyncio.run(_burst(server, 2 * SLOTS, 8))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    replicas = {r.headers["x-ringserve-replica"] for r in responses}
+    assert len(replicas) == REPLICAS
+
+
+def test_overload_sheds_with_retry_after_and_finishes_the_rest(server: str) -> None:
+    single = httpx.post(f"{server}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+        "ignore_eos": True}).json()["choices"][0]["text"]
+    responses = asyncio.run(_burst(server, 4 * SLOTS * REPLICAS, 16))
+    codes = [r.status_code for r in responses]
+    assert not [c for c in codes if c >= 500], codes
+    shed = [r for r in responses if r.status_code == 429]
+    done = [r for r in responses if r.status_code == 200]
+    assert shed and done and len(shed) + len(done) == len(responses), codes
+    assert len(done) >= SLOTS * REPLICAS  # everything that fit in the slots was accepted
+    for r in shed:
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    for r in done:
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert r.json()["usage"]["completion_tokens"] == 16
+        assert choice["text"] == single
+
+
+def test_stream_disconnect_frees_the_slot(server: str) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = itertools.islice(response.iter_lines(), 6)
+            got = [line for line in lines if line.startswith("data:")]
+            assert got
+            assert sum(r["running_sequences"] for r in load(server)) >= 1
+        # leaving the block closes the connection mid-stream
+    closed = time.monotonic()
+    while sum(r["running_sequences"] for r in load(server)) > 0:
+        assert time.monotonic() - closed < 2.0, load(server)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", b"{\"model\": "),
+    ("/v1/completions", {"model": MODEL, "prompt": 123}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -5}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**12}),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": "hot"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}),
+    ("/v1/chat/completions", {"model": "no-such-model",
+                              "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hello " * 600, "max_tokens": 4}),
+])
+def test_bad_requests_are_4xx_and_server_stays_up(server: str, path: str, body: Any) -> None:
+    kwargs: dict[str, Any] = ({"content": body, "headers": {"content-type": "application/json"}}
+                              if isinstance(body, bytes) else {"json": body})
+    r = httpx.post(f"{server}{path}", timeout=60, **kwargs)
+    assert 400 <= r.status_code < 500, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    ok = httpx.post(f"{server}/v1/completions", timeout=60,
+                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200

@@ -69,7 +69,7 @@ def generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tokenizer.encode(args.prompt)
-    request = GenerationRequest("cli", tuple(prompt_ids), params)
+    request = GenerationRequest("cli", tuple(prompt_ids), params, continues_prompt=not args.chat)
     choices = engine.run_to_completion([request])
     if args.json:
         first = choices[0]

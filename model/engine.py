@@ -212,8 +212,9 @@ class Engine:
             self._sequences[seq_id] = _Sequence(
                 seq_id=seq_id, request=request, index=index,
                 token_ids=list(request.prompt_token_ids),
-                detokenizer=IncrementalDetokenizer(self.tokenizer,
-                                                   prompt_ids=request.prompt_token_ids[-8:]),
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer,
+                    prompt_ids=request.prompt_token_ids[-8:] if request.continues_prompt else ()),
                 stop_checker=StopChecker(request.params.stop), generator=generator)
             self.scheduler.add(seq_id, len(request.prompt_token_ids))
             seq_ids.append(seq_id)

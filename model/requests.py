@@ -18,6 +18,9 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None  # time.monotonic() after which a still-queued request is dropped
+    # True: the output continues the prompt's text (completions; " Paris" keeps its space).
+    # False: the output is a new message (chat; decoded as if from scratch).
+    continues_prompt: bool = True
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight skips the random init (slow on a large vocab); weights are assigned on load
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size,
+                                                             config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Projection(config.hidden_size, config.vocab_size)
@@ -159,8 +162,7 @@ class Transformer(nn.Module):
         Projection weights are stored transposed (see :class:`Projection`); a tied output
         layer therefore gets its own transposed copy of the embedding.
         """
-        with torch.device("meta"):
-            model = cls(config)
+        model = cls(config)  # parameters are uninitialized (torch.empty) until assigned below
         state: dict[str, torch.Tensor] = {
             "embed_tokens.weight": tensors["embed_tokens.weight"],
             "norm.weight": tensors["norm.weight"],

@@ -335,7 +335,8 @@ class Router:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, max_tokens, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        tickets = await self._submit([GenerationRequest(rid, tuple(ids), params)], body.deadline_s)
+        request = GenerationRequest(rid, tuple(ids), params, continues_prompt=False)
+        tickets = await self._submit([request], body.deadline_s)
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

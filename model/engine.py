@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 2 * 1024**3
 DEFAULT_MAX_MODEL_LEN = 4096
-THROUGHPUT_WINDOW_S = 10.0  # tokens/s is measured over the steps of this many recent seconds
+# tokens/s is the drain rate while busy: tokens over the busy time of the steps that ran in
+# this many recent seconds (idle time does not count, so it is right after a quiet spell).
+THROUGHPUT_WINDOW_S = 10.0
 
 
 class EngineRequestError(ValueError):
@@ -127,7 +129,7 @@ class Engine:
         self._requests: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._pending_adds: deque[GenerationRequest] = deque()
         self._pending_aborts: deque[str] = deque()
-        self._throughput: deque[tuple[float, int]] = deque()
+        self._throughput: deque[tuple[float, float, int]] = deque()  # (end, seconds, tokens)
         self._lock = threading.Lock()  # guards scheduler state between step() and add/abort
         # asyncio side
         self._queues: dict[str, asyncio.Queue[GenerationChunk | BaseException]] = {}
@@ -241,10 +243,11 @@ class Engine:
                 self._sequences[chunk.seq_id].admitted = True
         if not scheduled:
             return outputs
+        started = time.monotonic()
         sampled = self._execute(scheduled)
         with self._lock:
             outputs += self._update(scheduled, sampled)
-        self._record_throughput(sum(c.num_tokens for c in scheduled))
+        self._record_throughput(started, sum(c.num_tokens for c in scheduled))
         return outputs
 
     def _apply_pending(self) -> list[StepOutput]:
@@ -349,9 +352,9 @@ class Engine:
             if not siblings:
                 del self._requests[seq.request.request_id]
 
-    def _record_throughput(self, num_tokens: int) -> None:
+    def _record_throughput(self, started: float, num_tokens: int) -> None:
         now = time.monotonic()
-        self._throughput.append((now, num_tokens))
+        self._throughput.append((now, now - started, num_tokens))
         while self._throughput and self._throughput[0][0] < now - THROUGHPUT_WINDOW_S:
             self._throughput.popleft()
 
@@ -390,11 +393,8 @@ class Engine:
                 len(r.prompt_token_ids) * r.params.n for r in pending)
             running = len(self.scheduler.running)
             samples = list(self._throughput)
-        if len(samples) >= 2:
-            elapsed = max(samples[-1][0] - samples[0][0], 1e-3)
-            rate = sum(n for _, n in samples[1:]) / elapsed
-        else:
-            rate = 0.0
+        busy = sum(seconds for _, seconds, _ in samples)
+        rate = sum(tokens for _, _, tokens in samples) / busy if busy > 0 else 0.0
         return EngineStats(
             waiting_requests=waiting_requests,
             waiting_tokens=waiting_tokens,

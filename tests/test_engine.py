@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,25 @@ def test_streaming_and_cancel_free_the_slot_within_one_step(engine: Engine) -> N
     texts, _, leaked = asyncio.run(scenario())
     assert len(texts) == 3
     assert leaked == 0
+
+
+def test_stats_report_load_and_a_busy_time_drain_rate(engine: Engine) -> None:
+    requests = [GenerationRequest(f"load{i}", prompt(30, 200 + i), greedy(4)) for i in range(3)]
+    for request in requests:
+        engine.add(request)
+    before = engine.stats()
+    assert before.waiting_requests == 3 and before.waiting_tokens == 90
+    assert before.free_slots == before.total_slots
+    engine.step()
+    during = engine.stats()
+    assert during.running_sequences == 3 and during.waiting_requests == 0
+    assert during.free_slots == during.total_slots - 3
+    assert during.kv_cache_used_bytes == 3 * during.kv_cache_bytes // during.total_slots
+    while engine.scheduler.has_work:
+        engine.step()
+    after = engine.stats()
+    assert after.tokens_per_s > 0 and after.free_slots == after.total_slots
+    # idle time does not dilute the drain rate: a pause between two bursts keeps it
+    time.sleep(1.5)
+    engine.run_to_completion([GenerationRequest("again", prompt(30, 300), greedy(4))])
+    assert engine.stats().tokens_per_s > 0.5 * after.tokens_per_s

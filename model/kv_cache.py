@@ -184,6 +184,7 @@ class DecodePlan:
     write_rows: torch.Tensor  # [B] row = pos % W
     valid: torch.Tensor  # [B, L] rows 0..min(pos+1, W)-1 are valid after the write
     covers_batch: bool  # every token of the batch is a decode (no gather/scatter needed)
+    slot_range: tuple[int, int] | None  # (first, last+1) when the slots are consecutive
 
 
 @dataclass(frozen=True)
@@ -225,12 +226,15 @@ def plan_cache_access(chunks: Sequence[SequenceChunk], buffer_len: int, window: 
         length = max(valid_len)
         valid = (torch.arange(length, device=device)[None, :]
                  < torch.tensor(valid_len, device=device)[:, None])  # [B, L]
+        slot_ids = [c.slot for c in decode_chunks]
+        consecutive = slot_ids == list(range(slot_ids[0], slot_ids[0] + len(slot_ids)))
         decode = DecodePlan(
             token_index=torch.tensor(decode_index, device=device),
-            slots=torch.tensor([c.slot for c in decode_chunks], device=device),
+            slots=torch.tensor(slot_ids, device=device),
             write_rows=torch.tensor([rolling_rows(c.start_pos, 1, buffer_len)[0]
                                      for c in decode_chunks], device=device),
             valid=valid,
             covers_batch=len(decode_chunks) == offset,
+            slot_range=(slot_ids[0], slot_ids[-1] + 1) if consecutive else None,
         )
     return CachePlan(tuple(prefills), decode)

@@ -36,9 +36,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused kernel
+        return self.weight * normed.to(x.dtype)
 
 
 class Projection(nn.Module):
@@ -78,9 +77,11 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(x))  # [N, (H + 2 KVH) D]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = apply_rotary(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)  # [N, H, D]
-        k = apply_rotary(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        qk, v = qkv.split([cfg.q_size + cfg.kv_size, cfg.kv_size], dim=-1)
+        # q and k rotate together: [N, H + KVH, D]
+        qk = apply_rotary(qk.view(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
+                          cos, sin)
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [N, H, D], [N, KVH, D]
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [N, KVH, D]
         attn = self._attention(q, k, v, plan, cache)  # [N, H, D]
         x = x + self.o_proj(attn.reshape(num_tokens, cfg.q_size))
@@ -132,8 +133,13 @@ class DecoderLayer(nn.Module):
         k_cache[plan.slots, :, plan.write_rows] = k  # k: [B, KVH, D]
         v_cache[plan.slots, :, plan.write_rows] = v
         length = plan.valid.shape[1]
-        k_seq = k_cache[plan.slots, :, :length]  # [B, KVH, L, D]
-        v_seq = v_cache[plan.slots, :, :length]
+        if plan.slot_range is not None:  # consecutive slots: a view, no gather copy
+            first, last = plan.slot_range
+            k_seq = k_cache[first:last, :, :length]  # [B, KVH, L, D]
+            v_seq = v_cache[first:last, :, :length]
+        else:
+            k_seq = k_cache[plan.slots, :, :length]
+            v_seq = v_cache[plan.slots, :, :length]
         return decode_attention(q, k_seq, v_seq, plan.valid)
 
 

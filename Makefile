@@ -32,7 +32,9 @@ $(STAMP): pyproject.toml
 generate: setup
 	$(VENV)/bin/ringserve generate --chat --prompt "$(or $(PROMPT),What is a rolling-buffer KV cache?)" --max-tokens 64
 
-serve: generate
+# ARGS pass through, e.g. make serve ARGS="--port 8001 max_model_len=2048"
+serve: setup
+	$(VENV)/bin/ringserve serve $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""The ``ringserve`` command line: ``ringserve generate`` runs the engine once, in-process.
+"""The ``ringserve`` command line: ``ringserve generate`` runs the engine once, in-process;
+``ringserve serve`` starts the Ray Serve application locally (see app/serve_cli.py).
 
 Errors a user can cause (a bad path, a broken checkpoint, a prompt over the limit) print one
 line on stderr and exit non-zero; tracebacks are for bugs only.
@@ -11,6 +12,8 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+
+from app.serve_cli import add_serve_parser, serve
 
 EXIT_USER_ERROR = 2
 
@@ -106,13 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    add_serve_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ringserve`` console script."""
     args = build_parser().parse_args(argv)
-    commands = {"generate": generate}
+    commands = {"generate": generate, "serve": serve}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

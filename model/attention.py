@@ -8,6 +8,9 @@ Two entry points, both free of any cache bookkeeping:
   CUDA it uses flash-attn's ``window_size`` when installed, else PyTorch SDPA with a mask.
 * :func:`decode_attention` - one query per sequence against that sequence's cached keys,
   batched over sequences; which cached rows are valid comes in as a mask.
+* :func:`decode_attention_per_slot` - the same straight from the cache buffers, one sequence
+  at a time over just its valid rows: on CPU this beats gathering a padded batch (no copy of
+  the cache, no work on padding rows; bench/decode_attention_bench.py).
 
 Shape letters: B batch, T tokens, H query heads, KVH key/value heads, D head dim, W window.
 """
@@ -178,3 +181,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     out = torch.matmul(probs, v)  # [B, KVH, G, D]
     return out.reshape(batch, num_heads, head_dim)
+
+
+def decode_attention_per_slot(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              slots: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
+    """One query per sequence over rows ``0 .. length-1`` of its slot, read in place.
+
+    q: [B, H, D]; k_cache, v_cache: [S, KVH, W, D] (the layer's whole pool); slots[b] and
+    lengths[b] name sequence b's slot and how many of its rows are valid. Each sequence's
+    rows are a strided view, so nothing is copied and no padding row is touched.
+    Returns [B, H, D].
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    out = torch.empty_like(q)  # [B, H, D]
+    for b, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
+        qg = q[b].view(num_kv_heads, group, head_dim)  # [KVH, G, D]
+        keys = k_cache[slot, :, :length]  # [KVH, L, D]
+        scores = torch.matmul(qg, keys.transpose(-1, -2))  # [KVH, G, L]
+        scores.mul_(scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out[b] = torch.matmul(probs, v_cache[slot, :, :length]).view(num_heads, head_dim)
+    return out

@@ -183,6 +183,8 @@ class DecodePlan:
     slots: torch.Tensor  # [B]
     write_rows: torch.Tensor  # [B] row = pos % W
     valid: torch.Tensor  # [B, L] rows 0..min(pos+1, W)-1 are valid after the write
+    slot_ids: tuple[int, ...]  # [B] the same slots as plain ints, for per-sequence loops
+    valid_lens: tuple[int, ...]  # [B] min(pos+1, W): how many rows of each slot are valid
     covers_batch: bool  # every token of the batch is a decode (no gather/scatter needed)
     slot_range: tuple[int, int] | None  # (first, last+1) when the slots are consecutive
 
@@ -234,6 +236,8 @@ def plan_cache_access(chunks: Sequence[SequenceChunk], buffer_len: int, window: 
             write_rows=torch.tensor([rolling_rows(c.start_pos, 1, buffer_len)[0]
                                      for c in decode_chunks], device=device),
             valid=valid,
+            slot_ids=tuple(slot_ids),
+            valid_lens=tuple(valid_len),
             covers_batch=len(decode_chunks) == offset,
             slot_range=(slot_ids[0], slot_ids[-1] + 1) if consecutive else None,
         )

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import decode_attention, prefill_attention
+from model.attention import decode_attention, decode_attention_per_slot, prefill_attention
 from model.config import ModelConfig
 from model.kv_cache import (
     CachePlan,
@@ -132,6 +132,9 @@ class DecoderLayer(nn.Module):
         """Batched single-token steps: write each new K/V at pos % W, attend to valid rows."""
         k_cache[plan.slots, :, plan.write_rows] = k  # k: [B, KVH, D]
         v_cache[plan.slots, :, plan.write_rows] = v
+        if not k_cache.is_cuda:  # CPU: each sequence's valid rows in place, no padded gather
+            return decode_attention_per_slot(q, k_cache, v_cache, plan.slot_ids,
+                                             plan.valid_lens)
         length = plan.valid.shape[1]
         if plan.slot_range is not None:  # consecutive slots: a view, no gather copy
             first, last = plan.slot_range

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from model.attention import band_mask, decode_attention, prefill_attention
+from model.attention import (
+    band_mask,
+    decode_attention,
+    decode_attention_per_slot,
+    prefill_attention,
+)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
@@ -74,3 +79,21 @@ def test_band_mask_is_causal_and_windowed() -> None:
         [False, False, False, False, True, True, True, False],
         [False, False, False, False, False, True, True, True],
     ]
+
+
+def test_decode_attention_per_slot_reads_only_each_slots_valid_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    k_cache = torch.randn(6, 2, 12, 16, generator=gen)  # [S, KVH, W, D]
+    v_cache = torch.randn(6, 2, 12, 16, generator=gen)
+    q = torch.randn(3, 8, 16, generator=gen)
+    slots, lengths = (4, 0, 2), (12, 5, 1)
+    ours = decode_attention_per_slot(q, k_cache, v_cache, slots, lengths)
+    index = torch.tensor(slots)
+    valid = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+    padded = decode_attention(q, k_cache[index], v_cache[index], valid)
+    torch.testing.assert_close(ours, padded, atol=1e-5, rtol=1e-4)
+    # rows past a slot's length and other slots do not matter
+    k_cache[0, :, 5:] = 1e4
+    k_cache[1] = 1e4
+    torch.testing.assert_close(decode_attention_per_slot(q, k_cache, v_cache, slots, lengths),
+                               ours)

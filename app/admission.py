@@ -5,15 +5,18 @@ The router keeps a :class:`LoadBoard`: the latest load each replica reported (po
 cannot contain yet. From that estimate it predicts how long a new request would queue::
 
     slots_short = max(0, waiting_seqs + n - free_slots)     # sequences that must wait for a slot
-    queued_tokens = waiting_tokens + slots_short * seq_tokens
-    predicted_wait = queued_tokens / drain_rate
+    predicted_wait = waiting_tokens / prefill_rate + slots_short * seq_tokens / drain_rate
 
-``waiting_tokens`` are prompt tokens not yet prefilled; a sequence that finds no free slot waits
-for a running one to finish, which takes about ``seq_tokens`` (the measured mean tokens of a
-finished sequence, prompt + output) of the replica's work; ``drain_rate`` is the replica's
-measured tokens/s. Worked example: 4 slots all busy, 2 sequences waiting with 60 prompt tokens,
-sequences average 100 tokens, replica drains 200 tokens/s; a new n=1 request finds
-slots_short = 2 + 1 - 0 = 3, queued_tokens = 60 + 300 = 360, predicted_wait = 1.8 s.
+``waiting_tokens`` are prompt tokens not yet prefilled; the replica works through them at its
+measured ``prefill_rate`` (prompt tokens/s in steps that ran prompt chunks: many times the
+decode rate, as a step's cost hardly grows with its token count). A sequence that finds no free
+slot waits for a running one to finish, which takes about ``seq_tokens`` (the measured mean
+tokens of a finished sequence, prompt + output) of the replica's work at ``drain_rate``, its
+measured tokens/s overall. Worked example: 4 slots all busy, 2 sequences waiting with 60 prompt
+tokens, sequences average 100 tokens, the replica prefills 600 and drains 200 tokens/s; a new
+n=1 request finds slots_short = 2 + 1 - 0 = 3, predicted_wait = 60/600 + 3*100/200 = 1.6 s.
+A burst into free slots costs only prefill time: 16 requests of 140 prompt tokens into 16 free
+slots at 1000 prompt tokens/s predict 2.24 s for the last one, whatever the decode rate.
 
 A request goes to the replica with the smallest predicted wait (ties: more free slots, then
 fewer running sequences), so an idle replica always wins over one with a queue. It is shed
@@ -42,6 +45,7 @@ class ReplicaSnapshot:
     free_slots: int
     total_slots: int
     tokens_per_s: float
+    prefill_tokens_per_s: float
     healthy: bool
 
 
@@ -56,6 +60,7 @@ class LoadEstimate:
     free_slots: int
     total_slots: int
     drain_rate: float  # tokens/s, measured (or the prior until measured)
+    prefill_rate: float  # prompt tokens/s, measured (or the drain rate until measured)
 
 
 @dataclass(frozen=True)
@@ -183,16 +188,18 @@ class LoadBoard:
         waiting = sum(s.seqs for s in unreported)
         tokens = sum(s.prompt_tokens for s in unreported)
         if snap is None:
-            return LoadEstimate(replica_id, waiting, tokens, 0, 0, 0,
-                                self.limits.default_tokens_per_s)
+            prior = self.limits.default_tokens_per_s
+            return LoadEstimate(replica_id, waiting, tokens, 0, 0, 0, prior, prior)
         rate = snap.tokens_per_s if snap.tokens_per_s > 0 else self.limits.default_tokens_per_s
+        prefill_rate = snap.prefill_tokens_per_s if snap.prefill_tokens_per_s > 0 else rate
         return LoadEstimate(replica_id, snap.waiting_requests + waiting,
                             snap.waiting_tokens + tokens, snap.running_sequences,
-                            snap.free_slots, snap.total_slots, rate)
+                            snap.free_slots, snap.total_slots, rate, prefill_rate)
 
     def predicted_wait(self, est: LoadEstimate, seqs: int = 1) -> float:
         short = max(0, est.waiting_seqs + seqs - est.free_slots)
-        return (est.waiting_tokens + short * self.seq_tokens) / est.drain_rate
+        return (est.waiting_tokens / est.prefill_rate
+                + short * self.seq_tokens / est.drain_rate)
 
     def admit(self, request_id: str, prompt_tokens: int, seqs: int = 1) -> Admission:
         """Pick a replica for a request of ``seqs`` sequences, or say why not."""

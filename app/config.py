@@ -76,6 +76,10 @@ class AppConfig(BaseModel):
     replica_num_cpus: float = Field(
         0.5, gt=0, description="CPUs reserved per LLM replica (fractions are fine)."
     )
+    replica_torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per LLM replica; default Ray's OMP_NUM_THREADS "
+        "(the replica's whole CPUs, at least 1).",
+    )
     router_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per router replica.")
     router_replicas: int = Field(1, ge=1, description="Router (HTTP ingress) replicas.")
     health_check_period_s: float = Field(5.0, gt=0, description="Replica health check period.")
@@ -151,5 +155,6 @@ class AppConfig(BaseModel):
             max_num_batched_tokens=self.max_num_batched_tokens,
             prefill_chunk=self.prefill_chunk,
             seed=self.seed,
+            torch_threads=self.replica_torch_threads,
             progress=False,
         )

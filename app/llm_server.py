@@ -181,6 +181,7 @@ class LLMServer:
             replica_id=self.replica_id, waiting_requests=s.waiting_requests,
             waiting_tokens=s.waiting_tokens, running_sequences=s.running_sequences,
             free_slots=s.free_slots, total_slots=s.total_slots, tokens_per_s=s.tokens_per_s,
+            prefill_tokens_per_s=s.prefill_tokens_per_s,
             healthy=s.healthy and not self._draining)
 
     async def model_info(self, target: str | None = None) -> dict[str, Any]:

@@ -32,10 +32,13 @@ ROUTER_MAX_ONGOING = 4096
 
 
 def build_engine(args: EngineArgs) -> EngineLike:
-    """Runs inside an LLM replica: load weights and tokenizer."""
+    """Runs inside an LLM replica: load weights and tokenizer, then warm the engine up so its
+    first load report carries measured rates (admission predicts queue waits from them)."""
     from model.engine import Engine
 
-    return Engine.from_args(args)
+    engine = Engine.from_args(args)
+    engine.warm_up()
+    return engine
 
 
 class LLMServerDeployment(LLMServer):

@@ -53,6 +53,8 @@ WAITING_TOKENS = MetricSpec("ringserve_waiting_tokens", "gauge",
                             "Prompt tokens not yet prefilled on a replica")
 TOKENS_PER_S = MetricSpec("ringserve_tokens_per_second", "gauge",
                           "Tokens (prefill + decode) a replica processes per second")
+PREFILL_TOKENS_PER_S = MetricSpec("ringserve_prefill_tokens_per_second", "gauge",
+                                  "Prompt tokens a replica prefills per second of prompt steps")
 KV_USED = MetricSpec("ringserve_kv_cache_used_bytes", "gauge",
                      "KV cache bytes in use on a replica")
 KV_TOTAL = MetricSpec("ringserve_kv_cache_bytes", "gauge",
@@ -62,8 +64,8 @@ GENERATED_TOKENS = MetricSpec("ringserve_generated_tokens", "counter",
 
 METRICS: tuple[MetricSpec, ...] = (
     REQUESTS, SHED, DEADLINE_EXCEEDED, CANCELLED, TTFT, TPOT, QUEUE_WAIT, PREDICTED_WAIT,
-    BATCH_SIZE, RUNNING, WAITING, WAITING_TOKENS, TOKENS_PER_S, KV_USED, KV_TOTAL,
-    GENERATED_TOKENS,
+    BATCH_SIZE, RUNNING, WAITING, WAITING_TOKENS, TOKENS_PER_S, PREFILL_TOKENS_PER_S, KV_USED,
+    KV_TOTAL, GENERATED_TOKENS,
 )
 
 
@@ -114,7 +116,8 @@ class ReplicaMetrics:
     def __init__(self) -> None:
         self.ttft = _make(TTFT)
         self.gauges = {spec.name: _make(spec) for spec in
-                       (RUNNING, WAITING, WAITING_TOKENS, TOKENS_PER_S, KV_USED, KV_TOTAL)}
+                       (RUNNING, WAITING, WAITING_TOKENS, TOKENS_PER_S, PREFILL_TOKENS_PER_S,
+                        KV_USED, KV_TOTAL)}
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft.observe(seconds, tags={"side": "replica"})  # type: ignore[attr-defined]
@@ -123,6 +126,7 @@ class ReplicaMetrics:
         # Serve tags every replica metric with its replica id itself ("replica" is reserved).
         values = {RUNNING.name: stats.running_sequences, WAITING.name: stats.waiting_requests,
                   WAITING_TOKENS.name: stats.waiting_tokens, TOKENS_PER_S.name: stats.tokens_per_s,
+                  PREFILL_TOKENS_PER_S.name: stats.prefill_tokens_per_s,
                   KV_USED.name: stats.kv_cache_used_bytes, KV_TOTAL.name: stats.kv_cache_bytes}
         for name, value in values.items():
             self.gauges[name].set(float(value))  # type: ignore[attr-defined]

@@ -165,6 +165,7 @@ class Router:
                                  "waiting_tokens": est.waiting_tokens,
                                  "free_slots": est.free_slots, "total_slots": est.total_slots,
                                  "tokens_per_s": est.drain_rate,
+                                 "prefill_tokens_per_s": est.prefill_rate,
                                  "predicted_wait_s": board.predicted_wait(est)})
             return JSONResponse({"replicas": replicas,
                                  "in_flight": self.dispatcher.in_flight()})

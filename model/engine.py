@@ -27,6 +27,7 @@ from model.engine_args import EngineArgs
 from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk
 from model.requests import EngineStats, FinishReason, GenerationChunk, GenerationRequest
 from model.sampler import SamplingRow, sample
+from model.sampling_params import SamplingParams
 from model.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from model.stop import StopChecker, is_stop_token
 from model.tokenizer import Tokenizer, load_tokenizer
@@ -39,7 +40,10 @@ DEFAULT_CPU_KV_BYTES = 2 * 1024**3
 DEFAULT_MAX_MODEL_LEN = 4096
 # tokens/s is the drain rate while busy: tokens over the busy time of the steps that ran in
 # this many recent seconds (idle time does not count, so it is right after a quiet spell).
+# The last RATE_MIN_STEPS steps (and the last RATE_MIN_STEPS that ran prompt chunks) always
+# count, however old: an engine that has been idle keeps what it measured last.
 THROUGHPUT_WINDOW_S = 10.0
+RATE_MIN_STEPS = 16
 
 
 class EngineRequestError(ValueError):
@@ -71,6 +75,16 @@ class _Sequence:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class _StepSample:
+    """What one step did, for the drain-rate figures in :meth:`Engine.stats`."""
+
+    end: float  # time.monotonic() when the step ended
+    seconds: float  # how long its model run + sampling + bookkeeping took
+    tokens: int  # tokens it ran (prompt chunks + decodes)
+    prefill_tokens: int  # of those, prompt tokens
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,8 @@ class Engine:
         self._requests: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._pending_adds: deque[GenerationRequest] = deque()
         self._pending_aborts: deque[str] = deque()
-        self._throughput: deque[tuple[float, float, int]] = deque()  # (end, seconds, tokens)
+        self._throughput: deque[_StepSample] = deque()  # recent steps
+        self._prefill_throughput: deque[_StepSample] = deque()  # recent steps with prompt chunks
         self._lock = threading.Lock()  # guards scheduler state between step() and add/abort
         # asyncio side
         self._queues: dict[str, asyncio.Queue[GenerationChunk | BaseException]] = {}
@@ -143,6 +158,8 @@ class Engine:
     @classmethod
     def from_args(cls, args: EngineArgs) -> Engine:
         """Load weights and tokenizer from ``args.model`` (the embedded model when None)."""
+        if args.torch_threads is not None:
+            torch.set_num_threads(args.torch_threads)
         is_default = args.model in (None, "", "default")
         path = default_model_path() if is_default else Path(str(args.model))
         loaded = load_weights(path, progress=args.progress)
@@ -247,7 +264,7 @@ class Engine:
         sampled = self._execute(scheduled)
         with self._lock:
             outputs += self._update(scheduled, sampled)
-        self._record_throughput(started, sum(c.num_tokens for c in scheduled))
+        self._record_throughput(started, scheduled)
         return outputs
 
     def _apply_pending(self) -> list[StepOutput]:
@@ -352,11 +369,16 @@ class Engine:
             if not siblings:
                 del self._requests[seq.request.request_id]
 
-    def _record_throughput(self, started: float, num_tokens: int) -> None:
+    def _record_throughput(self, started: float, scheduled: list[ScheduledChunk]) -> None:
         now = time.monotonic()
-        self._throughput.append((now, now - started, num_tokens))
-        while self._throughput and self._throughput[0][0] < now - THROUGHPUT_WINDOW_S:
-            self._throughput.popleft()
+        prefill = sum(c.num_tokens for c in scheduled if c.num_tokens > 1 or c.start_pos == 0)
+        sample = _StepSample(now, now - started, sum(c.num_tokens for c in scheduled), prefill)
+        self._throughput.append(sample)
+        if prefill:
+            self._prefill_throughput.append(sample)
+        for samples in (self._throughput, self._prefill_throughput):
+            while len(samples) > RATE_MIN_STEPS and samples[0].end < now - THROUGHPUT_WINDOW_S:
+                samples.popleft()
 
     def run_to_completion(self, requests: Iterable[GenerationRequest]
                           ) -> list[CompletedChoice]:
@@ -383,6 +405,17 @@ class Engine:
             for r in order for i in range(r.params.n)
         ]
 
+    def warm_up(self, prompt_tokens: int = 256) -> None:
+        """Run one short synthetic request before serving: the first real request then finds
+        warm kernels, and :meth:`stats` reports measured drain and prefill rates from the
+        start (the router's shedding needs them). Call before the asyncio loop starts."""
+        length = max(1, min(prompt_tokens, self.scheduler.config.max_num_batched_tokens,
+                            self.max_model_len - 2))
+        text_ids = self.tokenizer.encode("The rolling buffer keeps the last W positions.")
+        ids = tuple((text_ids * (length // max(1, len(text_ids)) + 1))[:length])
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        self.run_to_completion([GenerationRequest("ringserve-warm-up", ids, params)])
+
     # Load figures -----------------------------------------------------------------------
     def stats(self) -> EngineStats:
         """A snapshot of the engine's load (waits at most for a step's bookkeeping)."""
@@ -393,8 +426,14 @@ class Engine:
                 len(r.prompt_token_ids) * r.params.n for r in pending)
             running = len(self.scheduler.running)
             samples = list(self._throughput)
-        busy = sum(seconds for _, seconds, _ in samples)
-        rate = sum(tokens for _, _, tokens in samples) / busy if busy > 0 else 0.0
+            prefill_samples = list(self._prefill_throughput)
+        busy = sum(s.seconds for s in samples)
+        rate = sum(s.tokens for s in samples) / busy if busy > 0 else 0.0
+        # prefill rate: prompt tokens over the time of the steps that ran prompt chunks (a
+        # step that also ran decodes counts whole, so this errs on the slow side)
+        prefill_busy = sum(s.seconds for s in prefill_samples)
+        prefill_rate = (sum(s.prefill_tokens for s in prefill_samples) / prefill_busy
+                        if prefill_busy > 0 else 0.0)
         return EngineStats(
             waiting_requests=waiting_requests,
             waiting_tokens=waiting_tokens,
@@ -402,6 +441,7 @@ class Engine:
             free_slots=self.cache.allocator.num_free,
             total_slots=self.cache.num_slots,
             tokens_per_s=rate,
+            prefill_tokens_per_s=prefill_rate,
             kv_cache_bytes=self.cache.total_bytes,
             kv_cache_used_bytes=self.cache.used_bytes,
             healthy=self.healthy,

@@ -56,6 +56,7 @@ class EngineStats:
     free_slots: int
     total_slots: int
     tokens_per_s: float  # measured throughput (prefill + decode tokens) over a recent window
+    prefill_tokens_per_s: float  # measured prompt tokens/s in steps that ran prompt chunks
     kv_cache_bytes: int
     kv_cache_used_bytes: int
     healthy: bool

@@ -50,6 +50,7 @@ class FakeEngine:
                             running_sequences=len(self.running),
                             free_slots=self.total_slots - len(self.running),
                             total_slots=self.total_slots, tokens_per_s=1.0 / self.step_s,
+                            prefill_tokens_per_s=1.0 / self.step_s,
                             kv_cache_bytes=1, kv_cache_used_bytes=0, healthy=not self.dead)
 
     async def generate(self, request):

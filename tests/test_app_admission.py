@@ -18,8 +18,11 @@ from app.batcher import MicroBatcher
 
 
 def snap(rid: str, *, waiting: int = 0, tokens: int = 0, running: int = 0, slots: int = 4,
-         rate: float = 200.0, healthy: bool = True) -> ReplicaSnapshot:
-    return ReplicaSnapshot(rid, waiting, tokens, running, slots - running, slots, rate, healthy)
+         rate: float = 200.0, prefill_rate: float = 0.0, healthy: bool = True
+         ) -> ReplicaSnapshot:
+    """A replica report; prefill_rate 0 means not measured yet (the drain rate stands in)."""
+    return ReplicaSnapshot(rid, waiting, tokens, running, slots - running, slots, rate,
+                           prefill_rate, healthy)
 
 
 def board(*snaps: ReplicaSnapshot, **limits: object) -> LoadBoard:
@@ -31,10 +34,35 @@ def board(*snaps: ReplicaSnapshot, **limits: object) -> LoadBoard:
 
 
 def test_docstring_example_predicts_wait() -> None:
-    b = board(snap("a", waiting=2, tokens=60, running=4, slots=4, rate=200.0))
+    b = board(snap("a", waiting=2, tokens=60, running=4, slots=4, rate=200.0,
+                   prefill_rate=600.0))
     b.finished("x", [100])  # measured sequence length 100 tokens
     wait = b.predicted_wait(b.estimate("a"))
-    assert wait == pytest.approx((60 + 3 * 100) / 200.0)
+    assert wait == pytest.approx(60 / 600.0 + 3 * 100 / 200.0)
+    # before a prefill rate is measured the (slower) drain rate stands in for it
+    unmeasured = board(snap("a", waiting=2, tokens=60, running=4, slots=4, rate=200.0))
+    unmeasured.finished("x", [100])
+    assert unmeasured.predicted_wait(unmeasured.estimate("a")) == pytest.approx(
+        (60 + 3 * 100) / 200.0)
+
+
+def test_burst_into_free_slots_is_admitted_at_the_prefill_rate() -> None:
+    # 16 free slots, decode-bound drain rate 30 tokens/s, prefill 1000 prompt tokens/s: a
+    # burst of 16 requests of 140 prompt tokens each fits; at the drain rate alone the last
+    # ones would have been predicted to wait over a minute and been shed.
+    b = board(snap("a", slots=16, rate=30.0, prefill_rate=1000.0), max_queue_wait_s=10.0)
+    waits = []
+    for i in range(16):
+        d = b.admit(f"r{i}", prompt_tokens=140)
+        assert isinstance(d, Accepted), d
+        waits.append(d.predicted_wait_s)
+    assert waits[-1] == pytest.approx(15 * 140 / 1000.0)
+    # the 17th finds no slot: it also waits for a sequence of ~400 tokens to finish at the
+    # drain rate, 2.4 s + 13.3 s > 10 s -> shed
+    b.finished("old", [400])
+    shed = b.admit("r16", prompt_tokens=140)
+    assert isinstance(shed, Shed) and shed.predicted_wait_s == pytest.approx(
+        16 * 140 / 1000.0 + 400 / 30.0)
 
 
 def test_idle_replica_wins_over_busy_one() -> None:

@@ -184,3 +184,23 @@ def test_stats_report_load_and_a_busy_time_drain_rate(engine: Engine) -> None:
     time.sleep(1.5)
     engine.run_to_completion([GenerationRequest("again", prompt(30, 300), greedy(4))])
     assert engine.stats().tokens_per_s > 0.5 * after.tokens_per_s
+
+
+def test_prefill_rate_is_measured_and_outlives_the_window(engine: Engine, monkeypatch) -> None:
+    import model.engine as engine_module
+
+    engine.warm_up(prompt_tokens=48)
+    stats = engine.stats()
+    assert stats.waiting_requests == 0 and stats.free_slots == stats.total_slots
+    # a 48-token prompt chunk costs about what one decode step costs: prompt tokens/s in
+    # prompt steps is far above the overall rate of a run that is mostly single-token steps
+    engine.run_to_completion([GenerationRequest("decodes", prompt(4, 400), greedy(24))])
+    stats = engine.stats()
+    assert stats.prefill_tokens_per_s > 2 * stats.tokens_per_s > 0
+    # after an idle spell longer than the rate window, a tiny prompt step does not replace
+    # what the earlier (larger) prompt steps measured: the rate stays of the same order
+    before = stats.prefill_tokens_per_s
+    monkeypatch.setattr(engine_module, "THROUGHPUT_WINDOW_S", 0.05)
+    time.sleep(0.1)
+    engine.run_to_completion([GenerationRequest("one", prompt(2, 500), greedy(1))])
+    assert engine.stats().prefill_tokens_per_s > 0.4 * before

@@ -9,11 +9,12 @@ caller's iterator, or ``abort(id)``, frees its slot at the start of the next ste
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ DEFAULT_MAX_MODEL_LEN = 4096
 # count, however old: an engine that has been idle keeps what it measured last.
 THROUGHPUT_WINDOW_S = 10.0
 RATE_MIN_STEPS = 16
+# An idle engine thread re-checks every this many seconds whether its event loop is gone.
+IDLE_WAKE_S = 0.5
 
 
 class EngineRequestError(ValueError):
@@ -148,8 +151,10 @@ class Engine:
         self._lock = threading.Lock()  # guards scheduler state between step() and add/abort
         # asyncio side
         self._queues: dict[str, asyncio.Queue[GenerationChunk | BaseException]] = {}
-        self._loop_task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Future[None] | None = None  # the engine thread's run
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # where outputs are delivered
+        self._generation = 0  # bumped to retire an engine thread
+        self._wake = threading.Event()  # set by add/abort/shutdown; the idle thread waits on it
         self._executor: ThreadPoolExecutor | None = None
         self._draining = False
         self._loop_error: BaseException | None = None
@@ -242,8 +247,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slots are freed at the start of the next step."""
         self._pending_aborts.append(request_id)
-        if self._wake is not None and self._loop_task is not None:
-            self._loop_task.get_loop().call_soon_threadsafe(self._wake.set)
+        self._wake.set()
 
     @property
     def has_work(self) -> bool:
@@ -455,46 +459,65 @@ class Engine:
 
     # Asyncio layer ----------------------------------------------------------------------
     def start(self) -> None:
-        """Start the background step loop on the running event loop (idempotent)."""
-        if self._loop_task is not None and not self._loop_task.done():
-            return
-        self._wake = asyncio.Event()
-        self._executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="engine")
-        self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+        """Start the background step loop for the running event loop (idempotent).
 
-    async def _run_loop(self) -> None:
-        assert self._wake is not None
+        The loop runs in the engine's own thread and steps back to back while there is work:
+        it never waits for the event loop between steps (a busy event loop - RPCs, streaming -
+        would otherwise leave the model idle). Outputs go to the event loop with
+        ``call_soon_threadsafe``; adds and aborts wake the thread through a threading.Event.
+        """
         loop = asyncio.get_running_loop()
+        if (self._loop_task is not None and not self._loop_task.done()
+                and self._event_loop is loop):
+            return
+        self._generation += 1  # a thread left by an earlier event loop sees this and exits
+        self._wake.set()
+        self._event_loop = loop
+        self._executor = self._executor or ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._loop_task = loop.run_in_executor(self._executor, self._step_forever, loop,
+                                               self._generation)
+
+    def _step_forever(self, loop: asyncio.AbstractEventLoop, generation: int) -> None:
+        """The engine thread: step while there is work, sleep on the wake event otherwise."""
         try:
-            while True:
+            while generation == self._generation and not loop.is_closed():
                 if not self.has_work:
                     if self._draining:
                         return
-                    self._wake.clear()
-                    await self._wake.wait()
+                    self._wake.wait(IDLE_WAKE_S)
+                    self._wake.clear()  # has_work is checked again before sleeping
                     continue
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self.step)
+                    outputs = self.step()
                 except Exception as exc:  # a failed step fails its requests, not the engine
                     logger.exception("engine step failed")
-                    self._fail_all(exc)
+                    self._drop_all()
+                    _call_soon(loop, self._notify_all, exc)
                     continue
-                for output in outputs:
-                    queue = self._queues.get(output.request_id)
-                    if queue is not None:
-                        queue.put_nowait(output.error if isinstance(output, RequestFailure)
-                                         else output)
+                if outputs:
+                    _call_soon(loop, self._deliver, outputs)
         except BaseException as exc:
             self._loop_error = exc
-            self._fail_all(exc)
+            self._drop_all()
+            _call_soon(loop, self._notify_all, exc)
             raise
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        """On the event loop: hand a step's outputs to their callers' queues."""
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output.error if isinstance(output, RequestFailure) else output)
+
+    def _drop_all(self) -> None:
         with self._lock:
             for request_id in list(self._requests):
                 for seq_id in list(self._requests.get(request_id, ())):
                     self._drop(self._sequences[seq_id])
             self._pending_adds.clear()
+
+    def _notify_all(self, exc: BaseException) -> None:
+        """On the event loop: every waiting caller learns that its request failed."""
         for queue in self._queues.values():
             queue.put_nowait(RuntimeError(f"engine step failed: {exc}"))
 
@@ -506,7 +529,6 @@ class Engine:
         if request.request_id in self._queues:
             raise EngineRequestError(f"request id {request.request_id!r} is already running")
         self.start()
-        assert self._wake is not None
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         self._queues[request.request_id] = queue
         self._pending_adds.append(request)
@@ -534,14 +556,20 @@ class Engine:
                 self.abort(request_id)
         task = self._loop_task
         if task is not None and not task.done():
-            assert self._wake is not None
             self._wake.set()
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout_s)
             except asyncio.TimeoutError:
-                task.cancel()
+                self._generation += 1  # the thread stops after the step it is in
+                self._wake.set()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
+    """Schedule ``fn`` on ``loop`` from the engine thread; nothing if the loop has closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _finish_tail(seq: _Sequence, reason: FinishReason) -> str:

@@ -204,3 +204,42 @@ def test_prefill_rate_is_measured_and_outlives_the_window(engine: Engine, monkey
     time.sleep(0.1)
     engine.run_to_completion([GenerationRequest("one", prompt(2, 500), greedy(1))])
     assert engine.stats().prefill_tokens_per_s > 0.4 * before
+
+
+def test_async_loop_survives_a_failed_step_and_drains_on_shutdown(swa_checkpoint: Path,
+                                                                  monkeypatch) -> None:
+    from model.engine import EngineShuttingDown
+
+    fresh = Engine.from_args(EngineArgs(model=str(swa_checkpoint), max_model_len=128,
+                                        max_num_seqs=4, max_num_batched_tokens=32,
+                                        progress=False))
+    real_forward = fresh.model.forward
+    alone = fresh.run_to_completion([GenerationRequest("ref", prompt(6, 9), greedy(20))])[0]
+
+    async def collect(request: GenerationRequest) -> list[int]:
+        return [t async for chunk in fresh.generate(request) for t in chunk.token_ids]
+
+    async def scenario() -> tuple[list[int], list[int], bool, bool]:
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(fresh.model, "forward", broken)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            await collect(GenerationRequest("doomed", prompt(6, 9), greedy(20)))
+        healthy_after_failure = fresh.healthy
+        monkeypatch.setattr(fresh.model, "forward", real_forward)
+        again = await collect(GenerationRequest("again", prompt(6, 9), greedy(20)))
+        # shutdown with a request still running: it completes (drain), then the loop stops
+        running = asyncio.ensure_future(
+            collect(GenerationRequest("last", prompt(6, 9), greedy(20))))
+        await asyncio.sleep(0.05)
+        await fresh.shutdown(drain=True, timeout_s=60)
+        last = await running
+        with pytest.raises(EngineShuttingDown):
+            await collect(GenerationRequest("late", prompt(6, 9), greedy(2)))
+        return again, last, healthy_after_failure, fresh.cache.allocator.num_free == 4
+
+    again, last, healthy_after_failure, all_free = asyncio.run(scenario())
+    assert healthy_after_failure
+    assert again == list(alone.token_ids) and last == list(alone.token_ids)
+    assert all_free

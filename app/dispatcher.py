@@ -61,6 +61,7 @@ class Ticket:
     replica_id: str
     arrival: float
     deadline: float | None
+    stream: bool  # False: the replica may merge chunks (see LLMServer / BatchItem)
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     sent: bool = False
     started: bool = False  # an engine event arrived
@@ -157,9 +158,13 @@ class Dispatcher:
         return True
 
     # Requests -------------------------------------------------------------------------
-    async def submit(self, request: GenerationRequest, deadline_s: float | None = None
-                     ) -> Ticket:
-        """Admit a request (raising a 429/503 APIError when refused) and queue it for sending."""
+    async def submit(self, request: GenerationRequest, deadline_s: float | None = None,
+                     stream: bool = True) -> Ticket:
+        """Admit a request (raising a 429/503 APIError when refused) and queue it for sending.
+
+        ``stream=False`` (the client wants one response at the end) lets the replica send the
+        request's first chunk and then one merged chunk per choice, not one event per token.
+        """
         arrival = time.monotonic()
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down")
@@ -179,7 +184,7 @@ class Dispatcher:
         if self._metrics:
             self._metrics.observe(self._metrics.predicted_wait, decision.predicted_wait_s)
         deadline = arrival + deadline_s if deadline_s is not None else None
-        ticket = Ticket(request, decision.replica_id, arrival, deadline)
+        ticket = Ticket(request, decision.replica_id, arrival, deadline, stream)
         self._tickets[request.request_id] = ticket
         self._batcher.add(decision.replica_id, ticket)
         return ticket
@@ -224,7 +229,7 @@ class Dispatcher:
         for t in tickets.values():
             t.sent = True
             timeout = None if t.deadline is None else max(0.0, t.deadline - now)
-            items.append(BatchItem(t.request, timeout))
+            items.append(BatchItem(t.request, timeout, t.stream))
         open_ids = set(tickets)
         stream = self._client.generate_batch(replica_id, items)
         try:

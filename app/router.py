@@ -242,14 +242,14 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - an id outside the vocabulary
             raise bad_request(f"invalid prompt token ids: {exc}", param="prompt") from exc
 
-    async def _submit(self, requests: Sequence[GenerationRequest], deadline_s: float | None
-                      ) -> list[Ticket]:
+    async def _submit(self, requests: Sequence[GenerationRequest], deadline_s: float | None,
+                      stream: bool) -> list[Ticket]:
         """Admit all prompts of one HTTP request, or none of them."""
         deadline = deadline_s if deadline_s is not None else self.config.default_deadline_s
         tickets: list[Ticket] = []
         try:
             for request in requests:
-                tickets.append(await self.dispatcher.submit(request, deadline))
+                tickets.append(await self.dispatcher.submit(request, deadline, stream))
         except BaseException:
             for ticket in tickets:
                 self.dispatcher.cancel(ticket)
@@ -268,7 +268,7 @@ class Router:
         rid = f"cmpl-{uuid.uuid4().hex}"
         requests = [GenerationRequest(f"{rid}-{i}", tuple(ids), params)
                     for i, ids in enumerate(prompts)]
-        tickets = await self._submit(requests, body.deadline_s)
+        tickets = await self._submit(requests, body.deadline_s, bool(body.stream))
         created = int(time.time())
         n = body.n
         if body.stream:
@@ -337,7 +337,7 @@ class Router:
         params = self._params(body, max_tokens, logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         request = GenerationRequest(rid, tuple(ids), params, continues_prompt=False)
-        tickets = await self._submit([request], body.deadline_s)
+        tickets = await self._submit([request], body.deadline_s, bool(body.stream))
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

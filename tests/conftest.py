@@ -10,6 +10,7 @@ import pytest as _pytest
 
 from model.requests import EngineStats as _EngineStats
 from model.requests import GenerationChunk as _GenerationChunk
+from model.requests import TokenLogprob as _TokenLogprob
 
 
 class FakeEngine:
@@ -86,8 +87,12 @@ class FakeEngine:
                     token = 200 + (plen + pos) % 50
                     last = pos + 1 == request.params.max_tokens
                     self.generated += 1
+                    chosen = (_TokenLogprob(token, -0.5),)  # when logprobs are asked for
+                    wants = request.params.logprobs is not None
                     yield _GenerationChunk(request_id=rid, index=index, text=f"{token} ",
                                            token_ids=(token,),
+                                           logprobs=chosen if wants else (),
+                                           top_logprobs=(chosen,) if wants else (),
                                            finish_reason="length" if last else None,
                                            prompt_tokens=plen, completion_tokens=pos + 1)
         finally:

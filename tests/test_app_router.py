@@ -75,6 +75,48 @@ def test_completion_and_chat_shapes(local_cluster: Any, tokenizer: Any) -> None:
     run(main())
 
 
+def test_non_streaming_requests_send_few_replica_events(local_cluster: Any,
+                                                        tokenizer: Any) -> None:
+    from model.requests import GenerationChunk
+
+    client = local_cluster(replicas=1)
+    chunk_events: list[int] = []
+    plain_generate_batch = client.generate_batch
+
+    def counting_generate_batch(target: Any, items: Any) -> Any:
+        async def relay() -> Any:
+            async for events in plain_generate_batch(target, items):
+                chunk_events.append(sum(isinstance(e, GenerationChunk) for e in events))
+                yield events
+        return relay()
+
+    client.generate_batch = counting_generate_batch
+    router = make_router(client, tokenizer)
+    plen = len(tokenizer.encode("Hello there"))
+    expected = "".join(f"{200 + (plen + i) % 50} " for i in range(12))
+
+    async def main() -> tuple[dict[str, Any], int, list[str], int]:
+        r = await call(router, "POST", "/v1/completions",
+                       json=completion(max_tokens=12, n=2, logprobs=1))
+        assert r.status_code == 200, r.text
+        plain_events = sum(chunk_events)
+        chunk_events.clear()
+        r2 = await call(router, "POST", "/v1/completions",
+                        json=completion(max_tokens=12, stream=True))
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in r2.text.splitlines()
+                 if line.startswith("data: {")]
+        return r.json(), plain_events, texts, sum(chunk_events)
+
+    body, plain_events, streamed, stream_events = run(main())
+    # the same answer as a streamed one, token logprobs included ...
+    assert [c["text"] for c in body["choices"]] == [expected, expected]
+    assert all(len(c["logprobs"]["tokens"]) == 12 for c in body["choices"])
+    assert "".join(streamed) == expected
+    # ... from the first chunk plus one merged chunk per choice, not one event per token
+    assert plain_events == 3
+    assert stream_events >= 12
+
+
 def test_streaming_chat_is_sse_with_done(local_cluster: Any, tokenizer: Any) -> None:
     router = make_router(local_cluster(replicas=1), tokenizer)
 

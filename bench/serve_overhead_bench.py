@@ -79,12 +79,9 @@ QUICK = {"requests": 16, "prompt_len": (16, 64), "output_len": (16, 48)}
 DEFAULT_PORT = 8431
 NETNS_PREFIX = "ringserve"  # app.serve_cli names its namespace ringserve-<its pid>
 RAY_TMP_PREFIX = "/tmp/rsv"  # ... and its RAY_TMPDIR /tmp/rsv<its pid>-XXXXXXXX
-# Shedding is not what is measured. The router predicts a request's queue wait as queued
-# prompt tokens / the replica's measured tokens/s, a rate dominated by decode steps and far
-# below the prefill rate; with the default max_queue_wait_s (10 s) it answered 52 of the 64
-# default requests 429 although the replica had a free slot for each. Override with
-# --app-arg max_queue_wait_s=...
-SERVER_APP_ARGS = {"max_queue_wait_s": "3600"}
+# Server-side app args beyond the engine settings: none; the router's shedding defaults stay
+# (a request that is shed counts as failed in the table). Add more with --app-arg KEY=VALUE.
+SERVER_APP_ARGS: dict[str, str] = {}
 STOP_WAIT_S = 90.0  # after SIGINT: ringserve drains Serve, kills Ray, deletes the namespace
 HURRY_WAIT_S = 30.0  # after a second SIGINT (ringserve's "stop faster")
 PROBE_TIMEOUT_S = 120.0

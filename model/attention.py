@@ -22,9 +22,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Queries per block for CPU banded attention (capped at W/2). The band's cost is the same for
-# any block size; larger blocks make fewer, bigger kernel calls (bench/paper_claims.py).
-QUERY_BLOCK = 1024
+# Queries per block for CPU banded attention (capped at W/2). The band's work is n * W per
+# block whatever n; smaller blocks shrink the two causal triangles (n^2 of it), where the
+# kernel wastes part of its tiles, and bigger ones make fewer calls. 256 measured best at
+# 16K tokens, W = 4096 against 512 and 1024 (bench/paper_claims.py, --query-block).
+QUERY_BLOCK = 256
 
 
 def _flash_attn_func():  # pragma: no cover - only on CUDA machines with flash-attn
@@ -112,12 +114,10 @@ def _banded_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
             continue
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (out [1,H,n,D], lse [1,H,n])
         ke, ve = keys(a, a + n - 1)
-        parts.append(flash(qb, _expand(ke, group), _expand(ve, group), 0.0, True))
+        parts.append(_grouped_causal(flash, qb, ke, ve, group, flipped=False))
         if edge_lo >= k_start:
             ke, ve = keys(edge_lo, edge_hi)
-            flipped = flash(qb.flip(2), _expand(ke, group).flip(2), _expand(ve, group).flip(2),
-                            0.0, True)
-            parts.append((flipped[0].flip(2), flipped[1].flip(2)))
+            parts.append(_grouped_causal(flash, qb, ke, ve, group, flipped=True))
         middle_lo = max(k_start, edge_hi + 1)
         if middle_lo <= a - 1:
             km, vm = keys(middle_lo, a - 1)
@@ -126,9 +126,27 @@ def _banded_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
     return out
 
 
-def _expand(x: torch.Tensor, group: int) -> torch.Tensor:
-    """[1, KVH, T, D] -> [1, KVH * group, T, D]: each KV head serves ``group`` query heads."""
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
+def _grouped_causal(flash, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int,
+                    flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of n queries over n keys (both starting at the same position), or
+    with ``flipped`` its mirror image (query i sees keys i..n-1: the window's trailing edge,
+    run as a causal triangle on reversed queries and keys).
+
+    q: [1, H, n, D]; k, v: [1, KVH, n, D]. Query heads are viewed as [KVH, G] and each KV head
+    is broadcast over its G query heads with a stride-0 view: no copy of K or V per head.
+    Returns (out [1, H, n, D], lse [1, H, n]).
+    """
+    _, num_heads, n, dim = q.shape
+    num_kv = k.shape[1]
+    q4 = q[0].view(num_kv, group, n, dim)  # [KVH, G, n, D]
+    k4, v4 = k[0][:, None], v[0][:, None]  # [KVH, 1, n, D]
+    if flipped:
+        q4, k4, v4 = q4.flip(2), k4.flip(2), v4.flip(2)
+    out, lse = flash(q4, k4.expand(num_kv, group, n, dim), v4.expand(num_kv, group, n, dim),
+                     0.0, True)  # [KVH, G, n, D], [KVH, G, n]
+    if flipped:
+        out, lse = out.flip(2), lse.flip(2)
+    return out.reshape(1, num_heads, n, dim), lse.reshape(1, num_heads, n)
 
 
 def _grouped_full(flash, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int
@@ -147,8 +165,10 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         return parts[0][0]
     lse = torch.stack([p[1] for p in parts])  # [P, 1, H, n]
     weights = torch.softmax(lse, dim=0).unsqueeze(-1)  # [P, 1, H, n, 1]
-    return sum((weights[i] * parts[i][0] for i in range(len(parts))),
-               torch.zeros_like(parts[0][0]))
+    out = parts[0][0] * weights[0]
+    for i in range(1, len(parts)):
+        out.addcmul_(parts[i][0], weights[i])  # one fused pass per part
+    return out
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_start: int,

@@ -26,6 +26,7 @@ from model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from model.detokenizer import IncrementalDetokenizer
 from model.engine_args import EngineArgs
 from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk
+from model.omp_threads import release_omp_threads
 from model.requests import EngineStats, FinishReason, GenerationChunk, GenerationRequest
 from model.sampler import SamplingRow, sample
 from model.sampling_params import SamplingParams
@@ -194,7 +195,9 @@ class Engine:
             prefill_chunk=args.prefill_chunk or args.max_num_batched_tokens,
         )
         name = DEFAULT_MODEL_NAME if is_default else path.name.removesuffix(".gguf")
-        return cls(model, tokenizer, cache, scheduler_config, max_model_len, name)
+        engine = cls(model, tokenizer, cache, scheduler_config, max_model_len, name)
+        release_omp_threads()  # the loading thread's workers would throttle the stepping one's
+        return engine
 
     @property
     def config(self) -> ModelConfig:
@@ -419,6 +422,7 @@ class Engine:
         ids = tuple((text_ids * (length // max(1, len(text_ids)) + 1))[:length])
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         self.run_to_completion([GenerationRequest("ringserve-warm-up", ids, params)])
+        release_omp_threads()  # see model/omp_threads.py
 
     # Load figures -----------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -484,6 +488,9 @@ class Engine:
                 if not self.has_work:
                     if self._draining:
                         return
+                    # idle: free this thread's OpenMP workers, or a thread computing meanwhile
+                    # (a caller of the sync API, a benchmark's reference) runs throttled
+                    release_omp_threads()
                     self._wake.wait(IDLE_WAKE_S)
                     self._wake.clear()  # has_work is checked again before sleeping
                     continue

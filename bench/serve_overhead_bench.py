@@ -70,6 +70,7 @@ from bench.throughput_bench import (
     WARMUP_OUTPUT_LEN,
     WARMUP_PROMPT_LEN,
     WorkItem,
+    _log,
     build_workload,
     run_ours_async,
 )
@@ -129,10 +130,6 @@ class PhaseResult:
     @property
     def output_tps(self) -> float:
         return self.output_tokens / self.wall_s
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _loadavg() -> str:

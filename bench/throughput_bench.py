@@ -268,6 +268,7 @@ async def _bench(args: argparse.Namespace) -> None:
     from model.default_model import default_model_path
     from model.engine import Engine
     from model.engine_args import EngineArgs
+    from model.omp_threads import release_omp_threads
 
     max_len = max(args.prompt_len[1] + args.output_len[1],
                   WARMUP_PROMPT_LEN[1] + WARMUP_OUTPUT_LEN[1])
@@ -298,6 +299,10 @@ async def _bench(args: argparse.Namespace) -> None:
     async def ours(batch: Sequence[WorkItem], concurrency: int, tag: str
                    ) -> tuple[float, list[int]]:
         if args.api == "async":
+            # transformers ran on this thread: free its OpenMP team, or the engine thread's
+            # team runs throttled beside it (model/omp_threads.py); the engine thread frees
+            # its own when idle, so transformers' phases are not slowed either
+            release_omp_threads()
             return await run_ours_async(engine, batch, concurrency, tag)
         return run_ours_sync(engine, batch, concurrency, tag)
 

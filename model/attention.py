@@ -184,6 +184,21 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, k_sta
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _grouped_attention(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention with each KV head's query heads grouped, the decode kernel's core.
+
+    qg: [..., KVH, G, D]; keys, values: [..., KVH, L, D]; valid: [..., L] bool or None (all
+    rows valid). Returns [..., KVH, G, D].
+    """
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [..., KVH, G, L]
+    scores.mul_(1.0 / math.sqrt(qg.shape[-1]))
+    if valid is not None:
+        scores.masked_fill_(~valid[..., None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(probs, values)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      valid: torch.Tensor) -> torch.Tensor:
     """One query per sequence over its cached keys.
@@ -192,15 +207,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns [B, H, D].
     """
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_heads // num_kv_heads
-    qg = q.view(batch, num_kv_heads, group, head_dim)  # [B, KVH, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, KVH, G, L]
-    scores.mul_(1.0 / math.sqrt(head_dim))
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    out = torch.matmul(probs, v)  # [B, KVH, G, D]
-    return out.reshape(batch, num_heads, head_dim)
+    qg = q.view(batch, k.shape[1], num_heads // k.shape[1], head_dim)  # [B, KVH, G, D]
+    return _grouped_attention(qg, k, v, valid).reshape(batch, num_heads, head_dim)
 
 
 def decode_attention_per_slot(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -212,16 +220,11 @@ def decode_attention_per_slot(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     rows are a strided view, so nothing is copied and no padding row is touched.
     Returns [B, H, D].
     """
-    batch, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    group = num_heads // num_kv_heads
-    scale = 1.0 / math.sqrt(head_dim)
     out = torch.empty_like(q)  # [B, H, D]
     for b, (slot, length) in enumerate(zip(slots, lengths, strict=True)):
-        qg = q[b].view(num_kv_heads, group, head_dim)  # [KVH, G, D]
-        keys = k_cache[slot, :, :length]  # [KVH, L, D]
-        scores = torch.matmul(qg, keys.transpose(-1, -2))  # [KVH, G, L]
-        scores.mul_(scale)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out[b] = torch.matmul(probs, v_cache[slot, :, :length]).view(num_heads, head_dim)
+        qg = q[b].view(num_kv_heads, num_heads // num_kv_heads, head_dim)  # [KVH, G, D]
+        out[b] = _grouped_attention(qg, k_cache[slot, :, :length],  # [KVH, L, D] views
+                                    v_cache[slot, :, :length]).view(num_heads, head_dim)
     return out

@@ -25,7 +25,7 @@ from model.config import ModelConfig
 from model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from model.detokenizer import IncrementalDetokenizer
 from model.engine_args import EngineArgs
-from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk
+from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk, is_decode
 from model.omp_threads import release_omp_threads
 from model.requests import EngineStats, FinishReason, GenerationChunk, GenerationRequest
 from model.sampler import SamplingRow, sample
@@ -378,7 +378,7 @@ class Engine:
 
     def _record_throughput(self, started: float, scheduled: list[ScheduledChunk]) -> None:
         now = time.monotonic()
-        prefill = sum(c.num_tokens for c in scheduled if c.num_tokens > 1 or c.start_pos == 0)
+        prefill = sum(c.num_tokens for c in scheduled if not is_decode(c.start_pos, c.num_tokens))
         sample = _StepSample(now, now - started, sum(c.num_tokens for c in scheduled), prefill)
         self._throughput.append(sample)
         if prefill:
@@ -483,17 +483,21 @@ class Engine:
 
     def _step_forever(self, loop: asyncio.AbstractEventLoop, generation: int) -> None:
         """The engine thread: step while there is work, sleep on the wake event otherwise."""
+        omp_team = False  # whether this thread may hold OpenMP workers since its last release
         try:
             while generation == self._generation and not loop.is_closed():
                 if not self.has_work:
                     if self._draining:
                         return
-                    # idle: free this thread's OpenMP workers, or a thread computing meanwhile
-                    # (a caller of the sync API, a benchmark's reference) runs throttled
-                    release_omp_threads()
+                    # idle: free this thread's OpenMP workers once, or a thread computing
+                    # meanwhile (a sync-API caller, a benchmark's reference) runs throttled
+                    if omp_team:
+                        release_omp_threads()
+                        omp_team = False
                     self._wake.wait(IDLE_WAKE_S)
                     self._wake.clear()  # has_work is checked again before sleeping
                     continue
+                omp_team = True
                 try:
                     outputs = self.step()
                 except Exception as exc:  # a failed step fails its requests, not the engine

@@ -155,6 +155,12 @@ class KVCachePool:
         return self.geometry.bytes_per_slot * (self.num_slots - self.allocator.num_free)
 
 
+def is_decode(start_pos: int, num_tokens: int) -> bool:
+    """A chunk of one token past position 0 is a decode step; anything else runs prompt
+    tokens (a prefill chunk)."""
+    return num_tokens == 1 and start_pos > 0
+
+
 @dataclass(frozen=True)
 class SequenceChunk:
     """One sequence's share of a forward pass: tokens start_pos .. start_pos+num_tokens-1."""
@@ -210,7 +216,7 @@ def plan_cache_access(chunks: Sequence[SequenceChunk], buffer_len: int, window: 
     for chunk in chunks:
         lo, hi = offset, offset + chunk.num_tokens
         offset = hi
-        if chunk.num_tokens == 1 and chunk.start_pos > 0:
+        if is_decode(chunk.start_pos, chunk.num_tokens):
             decode_index.append(lo)
             decode_chunks.append(chunk)
             continue

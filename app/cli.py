@@ -97,7 +97,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from model.default_model import DefaultModelMissing
     from model.engine import EngineRequestError
     from model.sampling_params import SamplingParamsError
-    from model.tokenizer import TokenizerError
+    from model.tokenizers import TokenizerError
     from model.weights import WeightsError
 
     return (ConfigError, WeightsError, TokenizerError, EngineRequestError, SamplingParamsError,

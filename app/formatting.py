@@ -18,7 +18,7 @@ from model.requests import GenerationChunk, TokenLogprob
 
 
 class TokenizerLike(Protocol):
-    """What the router needs of model.tokenizer.Tokenizer."""
+    """What the router needs of model.tokenizers.Tokenizer."""
 
     eos_token_ids: frozenset[int]
 

@@ -64,7 +64,7 @@ REPLICA_HEADER = "X-Ringserve-Replica"  # which LLM replica(s) served the answer
 def load_router_tokenizer(model: str | None) -> TokenizerLike:
     """The served model's tokenizer alone (no weights): the router tokenizes and counts."""
     from model.default_model import default_model_path
-    from model.tokenizer import load_tokenizer
+    from model.tokenizers import load_tokenizer
 
     return load_tokenizer(default_model_path() if model is None else Path(model))
 

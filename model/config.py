@@ -7,11 +7,12 @@ architecture). Anything else raises :class:`ConfigError` naming the offending fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from model.json_file import read_json_object
 
 
 class ConfigError(ValueError):
@@ -205,9 +206,9 @@ class ModelConfig:
         hf = folder / "config.json"
         params = folder / "params.json"
         if hf.is_file():
-            return cls.from_hf_config(_read_json(hf))
+            return cls.from_hf_config(read_json_object(hf, ConfigError))
         if params.is_file():
-            return cls.from_mistral_params(_read_json(params))
+            return cls.from_mistral_params(read_json_object(params, ConfigError))
         raise ConfigError(f"{folder}: no config.json or params.json found")
 
 
@@ -216,12 +217,3 @@ def _required(raw: Mapping[str, Any], name: str) -> Any:
         raise ConfigError(f"config field {name!r} is missing")
     return raw[name]
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable
 
-from model.tokenizer import Tokenizer
+from model.tokenizers import Tokenizer
 
 
 class IncrementalDetokenizer:

@@ -32,7 +32,7 @@ from model.sampler import SamplingRow, sample
 from model.sampling_params import SamplingParams
 from model.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from model.stop import StopChecker, is_stop_token
-from model.tokenizer import Tokenizer, load_tokenizer
+from model.tokenizers import Tokenizer, load_tokenizer
 from model.transformer import Transformer
 from model.weights import load_weights
 

@@ -28,7 +28,6 @@ GGUF files are dequantized once into the cache described in :mod:`model.gguf_fil
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -45,6 +44,7 @@ from tqdm import tqdm
 from model import gguf_file
 from model.config import ConfigError, ModelConfig
 from model.default_model import default_model_path
+from model.json_file import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +226,11 @@ def _load_folder(folder: Path, progress: bool) -> LoadedWeights:
     hf_files = _hf_weight_files(folder)
     consolidated = sorted(folder.glob("consolidated*.safetensors"))
     if (folder / "config.json").is_file() and hf_files:
-        config = ModelConfig.from_hf_config(_read_json(folder / "config.json"))
+        config = ModelConfig.from_hf_config(read_json_object(folder / "config.json", ConfigError))
         plan = _plan(_scan_safetensors(hf_files), _hf_rename, config, folder)
     elif (folder / "params.json").is_file() and consolidated:
         found = _scan_safetensors(consolidated)
-        params = _read_json(folder / "params.json")
+        params = read_json_object(folder / "params.json", ConfigError)
         embed = found.get("tok_embeddings.weight")
         config = ModelConfig.from_mistral_params(params, embed[1][0] if embed else None)
         plan = _plan(found, _table_renamer(_CONSOLIDATED_NAMES), config, folder,
@@ -247,7 +247,7 @@ def _load_folder(folder: Path, progress: bool) -> LoadedWeights:
 def _hf_weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index, ConfigError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightsError(f"{index}: no 'weight_map' object")
         files = [folder / name for name in sorted(set(weight_map.values()))]
@@ -272,15 +272,6 @@ def _no_weights_message(folder: Path) -> str:
     return (f"{folder}: no checkpoint found (expected config.json + model.safetensors, "
             "params.json + consolidated.safetensors, or one .gguf file)")
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
 
 
 # Safetensors ----------------------------------------------------------------------------------

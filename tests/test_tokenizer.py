@@ -15,7 +15,7 @@ import pytest
 
 from model.default_model import DefaultModelMissing, default_model_path
 from model.detokenizer import IncrementalDetokenizer
-from model.tokenizer import (
+from model.tokenizers import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
@@ -545,7 +545,7 @@ def test_broken_chat_template_is_named(tmp_path: Path) -> None:
 
 
 def test_no_work_at_import() -> None:
-    code = ("import sys, model.tokenizer, model.detokenizer, model.chat_template; "
+    code = ("import sys, model.tokenizers, model.detokenizer, model.chat_template; "
             "print(sorted(m for m in ('sentencepiece', 'tokenizers', 'jinja2', 'transformers') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,7 +1,8 @@
-"""The Serve application: ``build_app(args)`` binds Router -> LLMServer; ``app`` uses defaults.
+"""The Serve application: ``build_app(args)`` binds Router -> LLMServer; ``app`` is that builder.
 
-``serve run app.main:app`` serves the embedded model on CPU; ``serve run app.main:build_app
-num_replicas=2 batch_window_ms=3 ...`` sets any :class:`AppConfig` knob; a Serve config YAML
+``serve run app.main:app`` serves the embedded model on CPU; ``serve run app.main:app
+num_replicas=2 batch_window_ms=3 ...`` sets any :class:`AppConfig` knob (Serve calls the
+builder with the CLI's args, so importing this module builds nothing); a Serve config YAML
 (cluster/serve_config.yaml) passes the same knobs as ``args``. Building loads nothing: engines
 are built inside the LLM replicas, the tokenizer inside the router replicas.
 """
@@ -115,4 +116,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return router.bind(server, config.model_dump())
 
 
-app = build_app({})
+# `serve run app.main:app [k=v ...]`: Serve calls a builder function with the app args.
+app = build_app

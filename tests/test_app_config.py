@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,10 +35,36 @@ def test_unknown_or_bad_knobs_are_rejected() -> None:
         AppConfig.model_validate({"max_queue_wait_s": -1})
 
 
-def test_builder_binds_without_loading_anything() -> None:
-    app = build_app({"num_replicas": 2, "replica_num_gpus": 0})
-    assert app is not None
-    build_app({"autoscaling": {"min_replicas": 1, "max_replicas": 2}, "replica_num_gpus": 0})
+def test_builder_binds_the_configured_deployments() -> None:
+    app = build_app({"num_replicas": 2, "replica_num_gpus": 0, "replica_num_cpus": 0.25,
+                     "router_num_cpus": 0.1, "max_num_seqs": 7})
+    router = app._bound_deployment
+    llm_app = router.init_args[0]
+    llm = llm_app._bound_deployment
+    assert (router.name, llm.name) == ("Router", "LLMServer")
+    assert router.ray_actor_options["num_cpus"] == 0.1
+    assert llm.num_replicas == 2
+    assert llm.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.0}
+    assert router.init_args[1]["max_num_seqs"] == 7  # the router gets the whole config
+    assert llm.init_args[0].args[0].max_num_seqs == 7  # and the engine factory its args
+    scaled = build_app({"autoscaling": {"min_replicas": 1, "max_replicas": 3},
+                        "replica_num_gpus": 0})._bound_deployment.init_args[0]._bound_deployment
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 3)
+
+
+def test_importing_and_building_the_app_loads_nothing() -> None:
+    """`serve run app.main:app` imports the module and calls the builder: no model, no
+    tokenizer, no Ray start; the heavy libraries stay unimported."""
+    code = ("import sys; import app.main as m; assert m.app is m.build_app; "
+            "m.build_app({'replica_num_gpus': 0}); "
+            "print(sorted(k for k in ('model.weights', 'model.transformer', 'tokenizers', "
+            "'sentencepiece', 'transformers') if k in sys.modules)); "
+            "import ray; print(ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "False"]
 
 
 def test_cluster_yaml_is_a_valid_serve_config_with_valid_args() -> None:

@@ -27,18 +27,30 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str)
     assert "Traceback" not in result.stderr
 
 
-def test_generate_json_on_tiny_checkpoint(tmp_path: Path) -> None:
+def test_generate_json_equals_transformers_greedy(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model.tokenizers import load_tokenizer
+
     folder = make_tiny_hf_checkpoint(tmp_path, model_type="mistral", sliding_window=8)
     result = ringserve("generate", "--model", str(folder), "--prompt", "Hello there",
                        "--max-tokens", "12", "--json", "--quiet")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert 1 <= len(out["token_ids"]) <= 12
-    assert out["finish_reason"] == ("length" if len(out["token_ids"]) == 12 else "stop")
-    assert isinstance(out["text"], str)
-    again = json.loads(ringserve("generate", "--model", str(folder), "--prompt", "Hello there",
-                                 "--max-tokens", "12", "--json", "--quiet").stdout)
-    assert again["token_ids"] == out["token_ids"]  # temperature 0 is greedy: deterministic
+    tokenizer = load_tokenizer(folder)
+    prompt_ids = tokenizer.encode("Hello there")
+    assert out["prompt_tokens"] == len(prompt_ids)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        generated = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=12,
+                                       do_sample=False, pad_token_id=0,
+                                       eos_token_id=sorted(tokenizer.eos_token_ids))
+    expected = generated[0, len(prompt_ids):].tolist()
+    stopped = expected[-1] in tokenizer.eos_token_ids
+    assert out["token_ids"] == (expected[:-1] if stopped else expected)
+    assert out["finish_reason"] == ("stop" if stopped else "length")
+    assert out["text"] == tokenizer.decode(out["token_ids"])
 
 
 def test_folder_without_weights(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 
 import pytest
@@ -289,37 +288,3 @@ def test_rejects_mismatched_rows_and_handles_empty_batch() -> None:
         sample(torch.zeros(2, 5), [SamplingRow(SamplingParams())])
     out = sample(torch.zeros(0, 5), [])
     assert out.token_ids == [] and out.logprobs == [] and out.top_logprobs == []
-
-
-def test_microbenchmark_b32_v49152() -> None:
-    """Prints the time of one sample() at B=32, V=49152 (a mixed batch); asserts nothing.
-
-    "flat" logits (N(0, 1)) make top-p keep thousands of tokens and take the full-sort path;
-    "peaked" ones (N(0, 4)), closer to a trained model's, stay within the candidates.
-    """
-    batch, vocab = 32, 49152
-    kinds = [
-        SamplingParams(temperature=0.0),
-        SamplingParams(temperature=0.8, top_p=0.95, seed=1),
-        SamplingParams(temperature=0.7, top_k=50, min_p=0.05, repetition_penalty=1.1),
-        SamplingParams(temperature=1.0, frequency_penalty=0.5, presence_penalty=0.5, logprobs=5),
-    ]
-    rows = [
-        SamplingRow(
-            kinds[i % 4],
-            make_generator(kinds[i % 4]),
-            list(range(i, i + 256)),  # output so far
-            list(range(1000, 1512)),  # prompt
-        )
-        for i in range(batch)
-    ]
-    randn = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(10))
-    report = []
-    for name, logits in (("flat", randn), ("peaked", randn * 4)):
-        times = []
-        for _ in range(6):  # the first call warms up; the best of the rest resists a busy box
-            start = time.perf_counter()
-            sample(logits, rows)
-            times.append(time.perf_counter() - start)
-        report.append(f"{name} {min(times[1:]) * 1e3:.1f} ms")
-    print(f"\nsample() B={batch} V={vocab} mixed batch, best call: " + ", ".join(report))

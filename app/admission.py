@@ -148,10 +148,6 @@ class LoadBoard:
     def seq_tokens(self) -> float:
         return self._seq_tokens if self._seq_tokens is not None else self.seq_tokens_prior
 
-    @property
-    def has_reports(self) -> bool:
-        return any(r.snapshot is not None for r in self._replicas.values())
-
     def healthy_ids(self) -> list[str]:
         return [rid for rid, r in sorted(self._replicas.items()) if _usable(r)]
 

@@ -62,9 +62,6 @@ class MicroBatcher(Generic[T]):
         batch.remove(item)
         return True
 
-    def pending(self, replica_id: str) -> int:
-        return len(self._pending.get(replica_id, ()))
-
     def _flush(self, replica_id: str) -> None:
         timer = self._timers.pop(replica_id, None)
         if timer is not None:

@@ -63,7 +63,6 @@ class AppConfig(BaseModel):
     prefill_chunk: int | None = Field(
         None, ge=1, description="Max prompt tokens of one sequence per step (chunked prefill)."
     )
-    seed: int = Field(0, description="Base sampling seed for requests that carry none.")
 
     # Replicas -----------------------------------------------------------------------
     num_replicas: int = Field(1, ge=1, description="LLM replicas when autoscaling is off.")
@@ -154,7 +153,6 @@ class AppConfig(BaseModel):
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             prefill_chunk=self.prefill_chunk,
-            seed=self.seed,
             torch_threads=self.replica_torch_threads,
             progress=False,
         )

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -107,7 +107,6 @@ class Dispatcher:
         self._poll_task: asyncio.Task[None] | None = None
         self._poll_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.batches_sent: list[tuple[str, int]] = []  # (replica, size) of recent batches
         self.closing = False
 
     # Load polling ---------------------------------------------------------------------
@@ -222,7 +221,6 @@ class Dispatcher:
             return
         now = time.monotonic()
         self.board.sent(tickets, now)
-        self.batches_sent = (self.batches_sent + [(replica_id, len(tickets))])[-256:]
         if self._metrics:
             self._metrics.observe(self._metrics.batch_size, float(len(tickets)))
         items = []
@@ -300,6 +298,3 @@ async def _aclose(stream: object) -> None:
     if cancel is not None:
         cancel()
 
-
-def request_ids(tickets: Sequence[Ticket]) -> list[str]:
-    return [t.request_id for t in tickets]

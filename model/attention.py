@@ -1,6 +1,6 @@
 """Attention backends for grouped-query, sliding-window attention.
 
-Two entry points, both free of any cache bookkeeping:
+Three entry points, all free of any cache bookkeeping:
 
 * :func:`prefill_attention` - a chunk of queries against the keys that precede it plus itself
   (causal, and banded when there is a window). On CPU it walks query blocks and hands each

@@ -72,11 +72,6 @@ class ModelConfig:
         """Width of each of the key and value projections: KVH * D."""
         return self.num_kv_heads * self.head_dim
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        """How many query heads share one key/value head (GQA group size)."""
-        return self.num_heads // self.num_kv_heads
-
     def with_window(self, window: int | None) -> ModelConfig:
         """A copy whose sliding window is overridden (None: full attention)."""
         return replace(self, sliding_window=window)

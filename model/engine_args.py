@@ -19,6 +19,5 @@ class EngineArgs:
     max_num_seqs: int = 32  # sequences running at once (also caps the slot count)
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     prefill_chunk: int | None = None  # max tokens of one prompt per step; default the budget
-    seed: int = 0  # base seed for requests that carry none
     torch_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     progress: bool = True  # show progress while loading weights

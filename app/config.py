@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from app.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, EdgeLimits
 from model.engine_args import EngineArgs
 
 
@@ -109,8 +110,21 @@ class AppConfig(BaseModel):
     )
 
     # HTTP ---------------------------------------------------------------------------
-    api_keys: list[str] = Field(
-        default_factory=list, description="Accepted bearer keys; empty means no authentication."
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Accepted bearer keys; empty means no authentication. "
+        "Every route but /health then needs one (they print as '**********')."
+    )
+    max_concurrent_per_key: int | None = Field(
+        32, ge=1, description="With api_keys: most requests one key may have in flight per "
+        "router replica (429 beyond); null for no cap."
+    )
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body (413 beyond), "
+        "refused before it is read."
+    )
+    max_header_bytes: int = Field(
+        DEFAULT_MAX_HEADER_BYTES, ge=1024, description="Largest total size of a request's "
+        "header names and values (431 beyond)."
     )
     host: str | None = Field(
         None, description="HTTP proxy host when `serve run` starts Serve (default 127.0.0.1)."
@@ -139,6 +153,13 @@ class AppConfig(BaseModel):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else None
         return value
+
+    def edge_limits(self) -> EdgeLimits:
+        """What the router's EdgeGuard enforces (app/edge.py)."""
+        return EdgeLimits(max_body_bytes=self.max_body_bytes,
+                          max_header_bytes=self.max_header_bytes,
+                          api_keys=tuple(k.get_secret_value() for k in self.api_keys),
+                          max_concurrent_per_key=self.max_concurrent_per_key)
 
     def engine_args(self) -> EngineArgs:
         """The engine settings each LLM replica builds its engine from."""

@@ -21,6 +21,7 @@ class TokenizerLike(Protocol):
     """What the router needs of model.tokenizers.Tokenizer."""
 
     eos_token_ids: frozenset[int]
+    vocab_size: int
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]: ...
     def decode(self, ids: Iterable[int]) -> str: ...

@@ -19,6 +19,7 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from app.config import AppConfig
+from app.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV, proxy_env
 from app.llm_server import EngineLike, LLMServer
 from app.replica_router import TargetedRequestRouter
 from app.router import Router
@@ -66,6 +67,26 @@ def _gpus_per_replica(config: AppConfig) -> float:
     return 1.0 if os.path.exists("/proc/driver/nvidia/version") else 0.0
 
 
+def _guard_the_proxy(config: AppConfig) -> None:
+    """Make Serve's HTTP proxy enforce the size limits (app/edge.py) before it forwards.
+
+    Only where this process is the one that starts Ray (``serve run app.main:...`` calls the
+    builder first): Ray's workers, the proxy among them, inherit this environment. A cluster
+    started otherwise sets the variables itself (docs/serving.md); the router's own check
+    stays in force either way.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    current = os.environ.get(PROXY_CALLBACK_ENV, "")
+    if current not in ("", PROXY_CALLBACK):
+        logger.warning("%s is set to %s: Serve's proxy will not enforce ringserve's size "
+                       "limits (the router still does)", PROXY_CALLBACK_ENV, current)
+        return
+    os.environ.update(proxy_env(config.max_body_bytes, config.max_header_bytes))
+
+
 def _start_serve_if_asked(config: AppConfig) -> None:
     """`serve run app.main:build_app host=... port=...`: start Serve's proxy there.
 
@@ -86,6 +107,7 @@ def _start_serve_if_asked(config: AppConfig) -> None:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Bind the application from app args (every AppConfig field; strings are parsed)."""
     config = AppConfig.model_validate(dict(args or {}))
+    _guard_the_proxy(config)
     _start_serve_if_asked(config)
     scaling: dict[str, Any] = {"num_replicas": config.num_replicas}
     if config.autoscaling is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -26,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from app.admission import AdmissionLimits, LoadBoard
 from app.config import AppConfig
 from app.dispatcher import Dispatcher, ReplicaClient, RequestFailed, Ticket
+from app.edge import EdgeGuard
 from app.errors import APIError, bad_request, install_error_handlers
 from app.formatting import (
     SSE_DONE,
@@ -57,6 +57,10 @@ from model.requests import GenerationChunk, GenerationRequest
 from model.sampling_params import SamplingParams, SamplingParamsError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # as OpenAI's legacy completions API
+# A token stands for at most max_token_bytes bytes of text, so text of B bytes is at least
+# B / max_token_bytes tokens. Text over this many times (limit * max_token_bytes) bytes cannot
+# fit and is refused without tokenizing it (the slack covers normalizers that shrink text).
+TEXT_BOUND_SLACK = 2
 READY_TIMEOUT_S = 10.0
 REPLICA_HEADER = "X-Ringserve-Replica"  # which LLM replica(s) served the answer
 
@@ -93,6 +97,8 @@ class Router:
         self._model_name: str | None = self.config.served_model_name
         self._max_model_len: int | None = None
         self._created = int(time.time())
+        self._max_token_bytes = max(
+            1, max(len(self.tokenizer.token_bytes(i)) for i in range(self.tokenizer.vocab_size)))
         self.http_app = self._build_app()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -130,7 +136,7 @@ class Router:
         @app.middleware("http")
         async def _count(request: Request, call_next: Callable[[Request], Any]) -> Any:
             response = await call_next(request)
-            self.metrics.request(request.url.path, response.status_code)
+            self.metrics.request(_route_label(request.url.path), response.status_code)
             return response
 
         @app.get("/health")
@@ -145,8 +151,7 @@ class Router:
             return JSONResponse({"status": "ok", "healthy_replicas": len(healthy)})
 
         @app.get("/v1/models")
-        async def models(request: Request) -> ModelList:
-            self._authenticate(request)
+        async def models() -> ModelList:
             name, limit = await self._model()
             return ModelList(data=[ModelCard(id=name, created=self._created,
                                              max_model_len=limit)])
@@ -171,30 +176,20 @@ class Router:
                                  "in_flight": self.dispatcher.in_flight()})
 
         @app.post("/v1/completions", response_model=None)
-        async def completions(body: CompletionRequest, request: Request, response: Response
+        async def completions(body: CompletionRequest, response: Response
                               ) -> CompletionResponse | StreamingResponse:
-            self._authenticate(request)
             return await self._completions(body, response)
 
         @app.post("/v1/chat/completions", response_model=None)
-        async def chat(body: ChatCompletionRequest, request: Request, response: Response
+        async def chat(body: ChatCompletionRequest, response: Response
                        ) -> ChatCompletionResponse | StreamingResponse:
-            self._authenticate(request)
             return await self._chat(body, response)
 
+        # Outermost: limits and keys are checked before FastAPI reads a byte of the body.
+        app.add_middleware(
+            EdgeGuard, limits=self.config.edge_limits(),
+            on_refused=lambda path, status: self.metrics.request(_route_label(path), status))
         return app
-
-    def _authenticate(self, request: Request) -> None:
-        keys = self.config.api_keys
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "missing API key: send `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
-        if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
-            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
     # Request building -------------------------------------------------------------------
     def _params(self, body: SamplingFields, max_tokens: int, logprobs: int | None
@@ -221,19 +216,41 @@ class Router:
                            "max_tokens.", param="max_tokens" if prompt_len < limit
                            else prompt_param, code="context_length_exceeded")
 
-    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
+    def _check_text_fits(self, texts: Sequence[str], limit: int, param: str) -> None:
+        """Refuse text that cannot fit in ``limit`` tokens before tokenizing it (a prompt of
+        many MB would cost the router seconds of CPU and a token list of GBs)."""
+        size = sum(len(t.encode("utf-8")) for t in texts)
+        if size > TEXT_BOUND_SLACK * limit * self._max_token_bytes:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the "
+                           f"prompt ({size} bytes of text) is longer than that. Shorten the "
+                           "prompt.", param=param, code="context_length_exceeded")
+
+    def _check_ids_fit(self, ids: Sequence[int], limit: int) -> None:
+        if len(ids) >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the "
+                           f"prompt has {len(ids)} tokens. Shorten the prompt.", param="prompt",
+                           code="context_length_exceeded")
+
+    def _prompts(self, prompt: str | list[str] | list[int] | list[list[int]], limit: int
                  ) -> tuple[list[list[int]], list[str]]:
         """Token ids and text of each prompt of a completions request."""
         if isinstance(prompt, str):
+            self._check_text_fits([prompt], limit, "prompt")
             return [self.tokenizer.encode(prompt)], [prompt]
         if not prompt:
             raise bad_request("prompt must not be an empty list", param="prompt")
         if all(isinstance(p, str) for p in prompt):
-            return [self.tokenizer.encode(p) for p in prompt], list(prompt)  # type: ignore[arg-type]
+            texts: list[str] = list(prompt)  # type: ignore[arg-type]
+            for text in texts:
+                self._check_text_fits([text], limit, "prompt")
+            return [self.tokenizer.encode(p) for p in texts], texts
         if all(isinstance(p, int) for p in prompt):
             ids = list(prompt)  # type: ignore[arg-type]
+            self._check_ids_fit(ids, limit)
             return [ids], [self._decode_prompt(ids)]
         lists = [list(p) for p in prompt]  # type: ignore[arg-type]
+        for ids in lists:
+            self._check_ids_fit(ids, limit)
         return lists, [self._decode_prompt(p) for p in lists]
 
     def _decode_prompt(self, ids: list[int]) -> str:
@@ -260,7 +277,7 @@ class Router:
     async def _completions(self, body: CompletionRequest, response: Response
                            ) -> CompletionResponse | StreamingResponse:
         name, limit = await self._check_model(body.model)
-        prompts, texts = self._prompts(body.prompt)
+        prompts, texts = self._prompts(body.prompt, limit)
         max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
         for ids in prompts:
             self._check_length(len(ids), max_tokens, limit, "prompt")
@@ -322,7 +339,8 @@ class Router:
     async def _chat(self, body: ChatCompletionRequest, response: Response
                     ) -> ChatCompletionResponse | StreamingResponse:
         name, limit = await self._check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
+        self._check_text_fits([m["content"] for m in messages], limit, "messages")
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=body.add_generation_prompt)
@@ -386,7 +404,7 @@ class Router:
         if len(tickets) == 1:
             try:
                 async for chunk in tickets[0].events():
-                    yield 0, chunk
+                    yield 0, _checked(chunk)
             except RequestFailed as exc:
                 raise APIError(exc.status, exc.message) from exc
             return
@@ -396,10 +414,12 @@ class Router:
         async def pump(t: int, ticket: Ticket) -> None:
             try:
                 async for chunk in ticket.events():
-                    queue.put_nowait((t, chunk))
+                    queue.put_nowait((t, _checked(chunk)))
                 queue.put_nowait((t, None))
             except RequestFailed as exc:
                 queue.put_nowait((t, APIError(exc.status, exc.message)))
+            except APIError as exc:
+                queue.put_nowait((t, exc))
 
         tasks = [asyncio.create_task(pump(t, ticket)) for t, ticket in enumerate(tickets)]
         try:
@@ -469,6 +489,25 @@ class Router:
         self.metrics.count(self.metrics.generated, float(tokens))
         if tokens > 1:
             self.metrics.observe(self.metrics.tpot, (time.monotonic() - start) / (tokens - 1))
+
+
+ROUTES = frozenset({"/health", "/load", "/v1/models", "/v1/completions",
+                    "/v1/chat/completions", "/openapi.json"})
+
+
+def _route_label(path: str) -> str:
+    """Metric label of a path: any path a client makes up counts as one label, `other`."""
+    return path if path in ROUTES else "other"
+
+
+def _checked(chunk: GenerationChunk) -> GenerationChunk:
+    """A choice the engine ended with ``error`` (it failed inside a step, alone) fails its
+    HTTP request; the other requests of that step carried on."""
+    if chunk.finish_reason == "error":
+        raise APIError(500, "generation failed inside the engine for this request (other "
+                       "requests were not affected); retrying may succeed",
+                       code="engine_error")
+    return chunk
 
 
 def _replicas(tickets: Sequence[Ticket]) -> str:

@@ -4,11 +4,36 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 FinishReason = Literal["stop", "length"]
 MAX_N = 16  # choices per prompt; the engine also refuses n above its slot count
 MAX_STOP = 16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI documents `seed` as a 64-bit integer
+INT32_MAX = 2**31 - 1  # bound of every count and token id: no model comes near it
+
+
+def _encodable(value: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"); text that UTF-8 cannot encode is refused."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode: lone surrogate U+{ord(value[exc.start]):04X} "
+                         f"at position {exc.start}") from None
+    return value
+
+
+# Every string field of a request body: strict (no coercion) and valid Unicode.
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 
 
 class _Body(BaseModel):
@@ -24,27 +49,32 @@ class StreamOptions(_Body):
 class SamplingFields(_Body):
     """Sampling fields shared by completions and chat completions."""
 
-    model: StrictStr = Field(..., description="Served model name (see GET /v1/models).")
+    model: Text = Field(..., description="Served model name (see GET /v1/models).")
     max_tokens: StrictInt | None = Field(
-        None, ge=1, description="Most tokens to generate; default: up to the model's limit."
+        None, ge=1, le=INT32_MAX,
+        description="Most tokens to generate; default: up to the model's limit.",
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     n: StrictInt = Field(1, ge=1, le=MAX_N, description="Choices to generate per prompt.")
     stream: bool = Field(False, description="Stream server-sent events ending `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
-    stop: StrictStr | list[StrictStr] | None = Field(
+    stop: Text | list[Text] | None = Field(
         None, description="Up to 16 strings that end generation (never returned)."
     )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty on seen tokens.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty per occurrence.")
-    seed: StrictInt | None = Field(None, description="Seed for reproducible sampling.")
+    seed: StrictInt | None = Field(
+        None, ge=INT64_MIN, le=INT64_MAX, description="Seed for reproducible sampling (64-bit)."
+    )
     # ringserve extensions (OpenAI SDK: pass through `extra_body`)
-    top_k: StrictInt = Field(0, ge=0, description="Keep the k most likely tokens; 0 is off.")
+    top_k: StrictInt = Field(
+        0, ge=0, le=INT32_MAX, description="Keep the k most likely tokens; 0 is off."
+    )
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p * top prob.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL-style penalty.")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence.")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+    stop_token_ids: list[TokenId] | None = Field(
         None, max_length=64, description="Token ids that end generation."
     )
     deadline_s: float | None = Field(
@@ -65,7 +95,7 @@ class SamplingFields(_Body):
         return stops
 
 
-Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+Prompt = Text | list[Text] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(SamplingFields):
@@ -80,15 +110,21 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(_Body):
     type: Literal["text"] = Field(..., description="Only text parts are supported.")
-    text: StrictStr = Field(..., description="The text.")
+    text: Text = Field(..., description="The text.")
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
-        ..., description="Who wrote the message."
+    # Exactly the roles chat templates render: `developer` (OpenAI's newer name for the system
+    # prompt) is rendered as `system`; tool and function messages are not supported.
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        ..., description="Who wrote the message; `developer` is treated as `system`."
     )
-    content: StrictStr | list[TextPart] | None = Field(..., description="Message text.")
-    name: StrictStr | None = Field(None, description="Optional author name.")
+    content: Text | list[TextPart] | None = Field(..., description="Message text.")
+    name: Text | None = Field(None, description="Optional author name (not rendered).")
+
+    def template_role(self) -> str:
+        """The role the chat template sees."""
+        return "system" if self.role == "developer" else self.role
 
     def text(self) -> str:
         if self.content is None:
@@ -103,7 +139,7 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation.")
     max_completion_tokens: StrictInt | None = Field(
-        None, ge=1, description="Alias of max_tokens (newer OpenAI name)."
+        None, ge=1, le=INT32_MAX, description="Alias of max_tokens (newer OpenAI name)."
     )
     logprobs: bool = Field(False, description="Return log-probabilities of output tokens.")
     top_logprobs: StrictInt | None = Field(

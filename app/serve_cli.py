@@ -423,6 +423,19 @@ def plan_launch(args: argparse.Namespace) -> Launch:
     return Launch(app_args, config, host, number)
 
 
+def edge_env(launch: Launch) -> dict[str, str]:
+    """Environment for Serve's proxy to enforce the apps' size limits (app/edge.py); with a
+    config file, the largest limits of its applications (each router checks its own)."""
+    from app.config import AppConfig
+    from app.edge import proxy_env
+
+    arg_sets = ([dict(a.get("args") or {}) for a in launch.config.get("applications") or []]
+                if launch.config is not None else [dict(launch.app_args)])
+    configs = [AppConfig.model_validate(args) for args in arg_sets] or [AppConfig()]
+    return proxy_env(max(c.max_body_bytes for c in configs),
+                     max(c.max_header_bytes for c in configs))
+
+
 def check_app_args(values: dict[str, Any]) -> None:
     """Validate knobs with AppConfig (as build_app will); the first problem as ServeCliError."""
     from pydantic import ValidationError
@@ -599,6 +612,7 @@ def _serve(args: argparse.Namespace) -> int:
                 command = ns.exec_prefix() + command
             env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
             env.update(SAFE_ENV, RAY_TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+            env.update(edge_env(launch))
             if args.log_file != "-":
                 log_path = Path(args.log_file or _default_log(port)).expanduser()
                 log_path.parent.mkdir(parents=True, exist_ok=True)

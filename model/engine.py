@@ -27,7 +27,13 @@ from model.detokenizer import IncrementalDetokenizer
 from model.engine_args import EngineArgs
 from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk, is_decode
 from model.omp_threads import release_omp_threads
-from model.requests import EngineStats, FinishReason, GenerationChunk, GenerationRequest
+from model.requests import (
+    EngineStats,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    TokenLogprob,
+)
 from model.sampler import SamplingRow, sample
 from model.sampling_params import SamplingParams
 from model.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
@@ -231,21 +237,24 @@ class Engine:
             self._add_locked(request)
 
     def _add_locked(self, request: GenerationRequest) -> None:
-        seq_ids = []
+        # Build every sequence first (seeding a generator or priming a detokenizer can raise on
+        # input that slipped past validation); only then register them, so a failure leaves
+        # no trace of the request.
+        seqs = []
         for index in range(request.params.n):
-            seq_id = f"{request.request_id}#{index}"
             seed = request.params.seed
             generator = None if seed is None else torch.Generator().manual_seed(seed + index)
-            self._sequences[seq_id] = _Sequence(
-                seq_id=seq_id, request=request, index=index,
+            seqs.append(_Sequence(
+                seq_id=f"{request.request_id}#{index}", request=request, index=index,
                 token_ids=list(request.prompt_token_ids),
                 detokenizer=IncrementalDetokenizer(
                     self.tokenizer,
                     prompt_ids=request.prompt_token_ids[-8:] if request.continues_prompt else ()),
-                stop_checker=StopChecker(request.params.stop), generator=generator)
-            self.scheduler.add(seq_id, len(request.prompt_token_ids))
-            seq_ids.append(seq_id)
-        self._requests[request.request_id] = seq_ids
+                stop_checker=StopChecker(request.params.stop), generator=generator))
+        for seq in seqs:
+            self._sequences[seq.seq_id] = seq
+            self.scheduler.add(seq.seq_id, len(request.prompt_token_ids))
+        self._requests[request.request_id] = [seq.seq_id for seq in seqs]
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slots are freed at the start of the next step."""
@@ -275,9 +284,13 @@ class Engine:
         return outputs
 
     def _apply_pending(self) -> list[StepOutput]:
-        while self._pending_adds:
-            self._add_locked(self._pending_adds.popleft())
         outputs: list[StepOutput] = []
+        while self._pending_adds:
+            request = self._pending_adds.popleft()
+            try:
+                self._add_locked(request)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                outputs += self._error_chunks(request, exc)
         while self._pending_aborts:
             request_id = self._pending_aborts.popleft()
             for seq_id in list(self._requests.get(request_id, ())):
@@ -300,8 +313,12 @@ class Engine:
                 f"request {request_id} was still queued at its deadline")))
         return outputs
 
-    def _execute(self, scheduled: list[ScheduledChunk]) -> dict[str, tuple]:
-        """Run the model on the scheduled chunks and sample where a chunk asks for it."""
+    def _execute(self, scheduled: list[ScheduledChunk]) -> dict[str, tuple | BaseException]:
+        """Run the model on the scheduled chunks and sample where a chunk asks for it.
+
+        Per sampled sequence: (token id, logprob, top logprobs), or the exception that sampling
+        it raised (that request then fails alone in ``_update``).
+        """
         tokens: list[int] = []
         for chunk in scheduled:
             seq = self._sequences[chunk.seq_id]
@@ -317,48 +334,98 @@ class Engine:
         rows = [SamplingRow(params=s.request.params, generator=s.generator,
                             output_token_ids=s.output_ids,
                             prompt_token_ids=s.request.prompt_token_ids) for s in seqs]
-        result = sample(logits[rows_index], rows)
+        # A seeded row's generator must be where it was should the batched draw fail midway:
+        # the rows are then drawn again one by one (see _sample_alone).
+        states = [None if s.generator is None else s.generator.get_state() for s in seqs]
+        try:
+            result = sample(logits[rows_index], rows)
+        except Exception:  # noqa: BLE001 - find the row(s) at fault, sample the rest
+            logger.warning("batched sampling failed; sampling the step's rows one by one",
+                           exc_info=True)
+            return self._sample_alone(logits, rows_index, seqs, rows, states)
         return {
             s.seq_id: (result.token_ids[i], result.logprobs[i],
                        result.top_logprobs[i] if result.top_logprobs else ())
             for i, s in enumerate(seqs)
         }
 
-    def _update(self, scheduled: list[ScheduledChunk], sampled: dict[str, tuple]
-                ) -> list[GenerationChunk]:
+    def _sample_alone(self, logits: torch.Tensor, rows_index: list[int], seqs: list[_Sequence],
+                      rows: list[SamplingRow], states: list[torch.Tensor | None]
+                      ) -> dict[str, tuple | BaseException]:
+        """Each row drawn alone: a row that fails gets its exception, the others their token
+        (a seeded row draws the same token alone as in a batch, see model/sampler.py)."""
+        out: dict[str, tuple | BaseException] = {}
+        for i, (seq, row, state) in enumerate(zip(seqs, rows, states, strict=True)):
+            if seq.generator is not None and state is not None:
+                seq.generator.set_state(state)
+            try:
+                one = sample(logits[rows_index[i]:rows_index[i] + 1], [row])
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                out[seq.seq_id] = exc
+                continue
+            out[seq.seq_id] = (one.token_ids[0], one.logprobs[0],
+                               one.top_logprobs[0] if one.top_logprobs else ())
+        return out
+
+    def _update(self, scheduled: list[ScheduledChunk], sampled: dict[str, tuple | BaseException]
+                ) -> list[StepOutput]:
         self.scheduler.on_step_done(scheduled)
-        outputs: list[GenerationChunk] = []
-        eos = self.tokenizer.eos_token_ids
-        for seq_id, (token_id, logprob, top) in sampled.items():
+        outputs: list[StepOutput] = []
+        for seq_id, drawn in sampled.items():
             seq = self._sequences.get(seq_id)
             if seq is None:
-                continue
-            params = seq.request.params
-            seq.token_ids.append(token_id)
-            seq.output_ids.append(token_id)
-            finish: FinishReason | None = None
-            text = ""
-            if is_stop_token(token_id, params, eos):
-                finish = "stop"
-            else:
-                text, stopped = seq.stop_checker.push(seq.detokenizer.push(token_id))
-                if stopped:
-                    finish = "stop"
-            if finish is None and len(seq.output_ids) >= params.max_tokens:
-                finish = "length"
-            chunk = GenerationChunk(
-                request_id=seq.request.request_id, index=seq.index, text=text,
-                token_ids=(token_id,),
-                logprobs=(logprob,) if logprob is not None else (),
-                top_logprobs=(tuple(top),) if logprob is not None else (),
-                prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids))
-            if finish is not None:
-                tail = _finish_tail(seq, finish)
-                self._drop(seq)
-                chunk = GenerationChunk(**{**chunk.__dict__, "text": chunk.text + tail,
-                                           "finish_reason": finish})
-            outputs.append(chunk)
+                continue  # its request failed earlier in this loop
+            try:
+                if isinstance(drawn, BaseException):
+                    raise drawn
+                outputs.append(self._advance(seq, *drawn))
+            except Exception as exc:  # noqa: BLE001 - sampling/detokenizing: this request alone
+                outputs += self._error_chunks(seq.request, exc)
         return outputs
+
+    def _advance(self, seq: _Sequence, token_id: int, logprob: TokenLogprob | None,
+                 top: tuple[TokenLogprob, ...]) -> GenerationChunk:
+        """Append a sampled token to its sequence: stop checks, text, finish."""
+        params = seq.request.params
+        seq.token_ids.append(token_id)
+        seq.output_ids.append(token_id)
+        finish: FinishReason | None = None
+        text = ""
+        if is_stop_token(token_id, params, self.tokenizer.eos_token_ids):
+            finish = "stop"
+        else:
+            text, stopped = seq.stop_checker.push(seq.detokenizer.push(token_id))
+            if stopped:
+                finish = "stop"
+        if finish is None and len(seq.output_ids) >= params.max_tokens:
+            finish = "length"
+        chunk = GenerationChunk(
+            request_id=seq.request.request_id, index=seq.index, text=text,
+            token_ids=(token_id,),
+            logprobs=(logprob,) if logprob is not None else (),
+            top_logprobs=(tuple(top),) if logprob is not None else (),
+            prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids))
+        if finish is not None:
+            tail = _finish_tail(seq, finish)
+            self._drop(seq)
+            chunk = GenerationChunk(**{**chunk.__dict__, "text": chunk.text + tail,
+                                       "finish_reason": finish})
+        return chunk
+
+    def _error_chunks(self, request: GenerationRequest, exc: BaseException
+                      ) -> list[StepOutput]:
+        """End a request that failed inside a step: each of its unfinished choices finishes
+        with ``error``, its slots are freed, and the rest of the batch carries on."""
+        logger.error("request %s failed inside an engine step (%s: %s); the rest of the batch "
+                     "carries on", request.request_id, type(exc).__name__, exc,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        seq_ids = self._requests.get(request.request_id)
+        if seq_ids is None:  # never registered: all its choices are unfinished
+            return [GenerationChunk(request_id=request.request_id, index=i, text="",
+                                    token_ids=(), finish_reason="error",
+                                    prompt_tokens=len(request.prompt_token_ids))
+                    for i in range(request.params.n)]
+        return [self._finish(self._sequences[seq_id], "error", "") for seq_id in list(seq_ids)]
 
     def _finish(self, seq: _Sequence, reason: FinishReason, text: str) -> GenerationChunk:
         self._drop(seq)

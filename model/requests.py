@@ -7,7 +7,8 @@ from typing import Literal
 
 from model.sampling_params import SamplingParams
 
-FinishReason = Literal["stop", "length", "abort"]
+# "error": the request failed inside an engine step (sampling, detokenizing); it ended alone.
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# A seed is a signed 64-bit integer (OpenAI's `seed`); torch generators take [-2**63, 2**64).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; the message names it."""
@@ -43,6 +46,9 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.n >= 1, "n must be >= 1"),
+            (self.seed is None or (isinstance(self.seed, int)
+                                   and SEED_MIN <= self.seed <= SEED_MAX),
+             "seed must be a 64-bit integer (from -2**63 to 2**63 - 1)"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
         ]

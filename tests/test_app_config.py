@@ -19,10 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_style_string_args_parse() -> None:
-    config = AppConfig.model_validate({"num_replicas": "2", "api_keys": "a, b",
+    config = AppConfig.model_validate({"num_replicas": "2", "api_keys": "sk-one, sk-two",
                                        "batch_window_ms": "3", "model": "",
                                        "autoscaling": '{"min_replicas": 1, "max_replicas": 3}'})
-    assert config.num_replicas == 2 and config.api_keys == ["a", "b"]
+    assert config.num_replicas == 2
+    assert [k.get_secret_value() for k in config.api_keys] == ["sk-one", "sk-two"]
+    for shown in (repr(config), str(config.api_keys), repr(config.edge_limits())):
+        assert "sk-one" not in shown and "sk-two" not in shown
+    # the Serve builder hands the router `model_dump()`: the keys survive the round trip
+    again = AppConfig.model_validate(config.model_dump())
+    assert again.edge_limits().api_keys == ("sk-one", "sk-two")
     assert config.model is None and config.autoscaling is not None
     assert config.autoscaling.max_replicas == 3
     assert config.engine_args().max_num_seqs == 32

@@ -62,8 +62,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request body")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # A field that is a union (prompt: text, texts, ids, lists of ids) fails once per member;
+    # a value error from our own validators (invalid Unicode, too many stop strings) is the
+    # one that says what is wrong.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
@@ -71,6 +74,14 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     where = f"{param}: " if param else ""
     extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return bad_request(f"{where}{msg}{extra}", param=param, code="invalid_value")
+
+
+def _union_tag(part: object) -> bool:
+    """Pydantic names the union member in an error's location ('str', 'list[int]', ...)."""
+    return isinstance(part, str) and (part in _TAGS or "[" in part or "(" in part)
+
+
+_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -80,3 +80,28 @@ def test_cluster_yaml_is_a_valid_serve_config_with_valid_args() -> None:
     for app in schema.applications:
         assert app.import_path == "app.main:build_app"
         AppConfig.model_validate(app.args)
+
+
+def test_proxy_enforces_the_limits_of_the_app_it_serves(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """`serve run app.main:build_app ...` and `ringserve serve` put the proxy hook (app/edge.py)
+    and the app's limits in the environment Ray will start with."""
+    from app.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV, limits_from_env, proxy_middlewares
+    from app.serve_cli import Launch, edge_env
+
+    for name in (PROXY_CALLBACK_ENV, "RINGSERVE_MAX_BODY_BYTES", "RINGSERVE_MAX_HEADER_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    build_app({"max_body_bytes": 123456, "max_header_bytes": 7777, "replica_num_gpus": 0})
+    assert os.environ[PROXY_CALLBACK_ENV] == PROXY_CALLBACK
+    limits = limits_from_env()
+    assert (limits.max_body_bytes, limits.max_header_bytes) == (123456, 7777)
+    (middleware,) = proxy_middlewares()
+    assert middleware.kwargs["limits"] == limits
+    # a config file with several applications: the proxy takes the largest limits
+    config = {"applications": [{"args": {"max_body_bytes": 2048}},
+                               {"args": {"max_body_bytes": 9999, "max_header_bytes": 4096}}]}
+    env = edge_env(Launch({}, config, "127.0.0.1", 8000))
+    assert env == {PROXY_CALLBACK_ENV: PROXY_CALLBACK, "RINGSERVE_MAX_BODY_BYTES": "9999",
+                   "RINGSERVE_MAX_HEADER_BYTES": "32768"}
+    assert edge_env(Launch({"max_body_bytes": "5000"}, None, "127.0.0.1", 8000))[
+        "RINGSERVE_MAX_BODY_BYTES"] == "5000"

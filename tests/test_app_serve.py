@@ -39,6 +39,8 @@ SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_l
                f"max_waiting_per_replica={QUEUE}", "batch_window_ms=5", "replica_num_cpus=0.5",
                "router_num_cpus=0.25", f"port={PORT}", "host=127.0.0.1"]
 BIN = Path(sys.executable).parent
+NETNS: list[str] = []  # the module's network namespace, once the server fixture made it
+MB = 1024 * 1024
 
 
 def _setns(fd: int) -> None:
@@ -78,6 +80,7 @@ def server(references: dict[str, Any]) -> Iterator[str]:
         pytest.skip("needs root and iproute2 for a private network namespace")
     name = f"rstest{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    NETNS[:] = [name]
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     proc: subprocess.Popen[bytes] | None = None
     tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
@@ -244,3 +247,111 @@ def test_bad_requests_are_4xx_and_server_stays_up(server: str, path: str, body: 
     ok = httpx.post(f"{server}/v1/completions", timeout=60,
                     json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+# Security at the edge (issue 8) ---------------------------------------------------------
+
+
+def _serve_process(role: str) -> int:
+    """Pid of the one process of our namespace whose title names ``role``."""
+    found = []
+    for pid in _ns_pids(NETNS[0]):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if role in title:
+            found.append(pid)
+    assert len(found) == 1, (role, found)
+    return found[0]
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def _answers_normally(base: str) -> None:
+    ok = httpx.post(f"{base}/v1/completions", timeout=60,
+                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_50_mb_body_is_413_and_the_router_never_holds_it(server: str) -> None:
+    router = _serve_process("ServeReplica:default:Router")
+    proxy = _serve_process("ProxyActor")
+    _answers_normally(server)  # warm: the router has tokenized and answered once
+    before = {pid: _memory_kb(pid) for pid in (router, proxy)}
+    for pid in (router, proxy):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS: peaks from now on
+    body = b'{"model": "%s", "prompt": "' % MODEL.encode() + b"a" * (50 * MB) + b'"}'
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is counted as it arrives
+        for start in range(0, len(body), MB):
+            yield body[start:start + MB]
+
+    with httpx.Client(base_url=server, timeout=120) as http:
+        for content in (body, chunked()):
+            r = http.post("/v1/completions", content=content,
+                          headers={"content-type": "application/json"})
+            assert r.status_code == 413, r.text[:500]
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == "request_too_large"
+            _answers_normally(server)
+    after = {pid: _memory_kb(pid) for pid in (router, proxy)}
+    print(f"\nrouter RSS before {before[router]['VmRSS']} kB, peak during the 50 MB bodies "
+          f"{after[router]['VmHWM']} kB, after {after[router]['VmRSS']} kB; proxy RSS before "
+          f"{before[proxy]['VmRSS']} kB, peak {after[proxy]['VmHWM']} kB, after "
+          f"{after[proxy]['VmRSS']} kB")
+    baseline = before[router]["VmRSS"]
+    assert after[router]["VmHWM"] <= 1.1 * baseline, (before, after)
+    assert after[router]["VmRSS"] <= 1.1 * baseline, (before, after)
+    # the proxy, which refused them, read at most the limit (4 MiB) of each, never 50 MB
+    assert after[proxy]["VmHWM"] <= before[proxy]["VmRSS"] + 25 * 1024, (before, after)
+
+
+def test_oversized_headers_are_refused(server: str) -> None:
+    r = httpx.post(f"{server}/v1/completions", timeout=60,
+                   headers={"x-padding": "p" * 100_000},
+                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 431, r.text
+    assert r.json()["error"]["code"] == "headers_too_large"
+    _answers_normally(server)
+
+
+def test_bad_input_fails_alone_while_a_concurrent_request_completes(
+        server: str, references: dict[str, Any]) -> None:
+    good = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    bad_bodies = [
+        {**good, "seed": 2**70},  # was: a 500 for this request and every one in its step
+        {**good, "prompt": "caf\ud800"},
+        {"model": MODEL, "messages": [{"role": "user", "content": "\udfff"}]},
+        {"model": MODEL, "messages": [{"role": "tool", "content": "hi"}]},
+    ]
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            calls = [http.post("/v1/completions", json=good)]
+            for body in bad_bodies:
+                path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+                calls.append(http.post(path, content=json.dumps(body).encode(),
+                                       headers={"content-type": "application/json"}))
+            return list(await asyncio.gather(*calls))
+
+    first, *refused = asyncio.run(main())
+    assert first.status_code == 200, first.text
+    assert first.json()["choices"][0]["text"] == references["completion"]["text"]
+    for r in refused:
+        assert r.status_code == 400, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    developer = httpx.post(f"{server}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "developer", "content": "Answer briefly."},
+                     {"role": "user", "content": CHAT_PROMPT}]})
+    assert developer.status_code == 200, developer.text
+    _answers_normally(server)

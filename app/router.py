@@ -340,6 +340,10 @@ class Router:
                     ) -> ChatCompletionResponse | StreamingResponse:
         name, limit = await self._check_model(body.model)
         messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
+        if len(messages) > limit:  # every turn costs a token at least: this cannot fit
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; "
+                           f"{len(messages)} messages cannot fit in it.", param="messages",
+                           code="context_length_exceeded")
         self._check_text_fits([m["content"] for m in messages], limit, "messages")
         try:
             ids = self.tokenizer.apply_chat_template(

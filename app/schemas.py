@@ -17,6 +17,8 @@ from pydantic import (
 FinishReason = Literal["stop", "length"]
 MAX_N = 16  # choices per prompt; the engine also refuses n above its slot count
 MAX_STOP = 16
+MAX_STOP_CHARS = 512  # stop matching holds back up to this much text per sequence, every token
+MAX_PROMPTS = 64  # prompts in one completions request (each becomes its own engine request)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI documents `seed` as a 64-bit integer
 INT32_MAX = 2**31 - 1  # bound of every count and token id: no model comes near it
 
@@ -34,6 +36,7 @@ def _encodable(value: str) -> str:
 # Every string field of a request body: strict (no coercion) and valid Unicode.
 Text = Annotated[StrictStr, AfterValidator(_encodable)]
 TokenId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+StopText = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Body(BaseModel):
@@ -59,8 +62,9 @@ class SamplingFields(_Body):
     n: StrictInt = Field(1, ge=1, le=MAX_N, description="Choices to generate per prompt.")
     stream: bool = Field(False, description="Stream server-sent events ending `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
-    stop: Text | list[Text] | None = Field(
-        None, description="Up to 16 strings that end generation (never returned)."
+    stop: StopText | list[StopText] | None = Field(
+        None, description=f"Up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters "
+        "that end generation (never returned).",
     )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty on seen tokens.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Penalty per occurrence.")
@@ -95,13 +99,16 @@ class SamplingFields(_Body):
         return stops
 
 
-Prompt = Text | list[Text] | list[TokenId] | list[list[TokenId]]
+Prompt = (Text | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] | list[TokenId]
+          | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])
 
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: Prompt = Field(..., description="Text, token ids, or a list of either.")
+    prompt: Prompt = Field(
+        ..., description=f"Text, token ids, or a list of up to {MAX_PROMPTS} of either."
+    )
     logprobs: StrictInt | None = Field(
         None, ge=0, le=20, description="Return this many top alternatives per token."
     )

@@ -135,6 +135,9 @@ def test_body_that_is_not_utf8_or_json_is_400(local_cluster: Any, tokenizer: Any
     ({"deadline_s": 1e300}, "deadline_s"),
     ({"presence_penalty": -2.5}, "presence_penalty"),
     ({"stop": [f"s{i}" for i in range(17)]}, "stop"),
+    ({"stop": "x" * 513}, "stop"),  # matching it would cost the engine thread every token
+    ({"prompt": ["hi"] * 65}, "prompt"),
+    ({"prompt": [[1, 2]] * 65}, "prompt"),
 ])
 def test_numeric_bounds_are_400(local_cluster: Any, tokenizer: Any, over: dict[str, Any],
                                 param: str) -> None:
@@ -205,7 +208,9 @@ def test_text_that_cannot_fit_is_refused_without_tokenizing(local_cluster: Any,
             for path, body in (("/v1/completions", completion(prompt=big)),
                                ("/v1/completions", completion(prompt=["hi", big])),
                                ("/v1/chat/completions", chat(messages=[
-                                   {"role": "user", "content": big}]))):
+                                   {"role": "user", "content": big}])),
+                               ("/v1/chat/completions", chat(messages=[
+                                   {"role": "user", "content": "hi"}] * 300))):
                 r = await call(router, "POST", path, json=body)
                 assert_error(r, 400, code="context_length_exceeded")
             assert all(n < 1000 for n in encoded), encoded  # the big text never tokenized

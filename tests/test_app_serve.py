@@ -304,13 +304,22 @@ def test_a_50_mb_body_is_413_and_the_router_never_holds_it(server: str) -> None:
             assert error["code"] == "request_too_large"
             _answers_normally(server)
     after = {pid: _memory_kb(pid) for pid in (router, proxy)}
+    # a prompt under the body limit that cannot fit: refused without tokenizing it
+    big_prompt = httpx.post(f"{server}/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": "word " * (700 * 1024), "max_tokens": 2})
+    assert big_prompt.status_code == 400, big_prompt.text[:500]
+    assert big_prompt.json()["error"]["code"] == "context_length_exceeded"
+    _answers_normally(server)
+    after_prompt = _memory_kb(router)
     print(f"\nrouter RSS before {before[router]['VmRSS']} kB, peak during the 50 MB bodies "
           f"{after[router]['VmHWM']} kB, after {after[router]['VmRSS']} kB; proxy RSS before "
           f"{before[proxy]['VmRSS']} kB, peak {after[proxy]['VmHWM']} kB, after "
-          f"{after[proxy]['VmRSS']} kB")
+          f"{after[proxy]['VmRSS']} kB; router after a 3.5 MB prompt: peak "
+          f"{after_prompt['VmHWM']} kB, now {after_prompt['VmRSS']} kB")
     baseline = before[router]["VmRSS"]
     assert after[router]["VmHWM"] <= 1.1 * baseline, (before, after)
     assert after[router]["VmRSS"] <= 1.1 * baseline, (before, after)
+    assert after_prompt["VmRSS"] <= 1.1 * baseline, (before, after_prompt)
     # the proxy, which refused them, read at most the limit (4 MiB) of each, never 50 MB
     assert after[proxy]["VmHWM"] <= before[proxy]["VmRSS"] + 25 * 1024, (before, after)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -114,6 +115,10 @@ class AppConfig(BaseModel):
         default_factory=list, description="Accepted bearer keys; empty means no authentication. "
         "Every route but /health then needs one (they print as '**********')."
     )
+    api_keys_file: str | None = Field(
+        None, description="File of accepted keys, one per line ('#' comments), read by each "
+        "router replica at start: keys kept off command lines and config files."
+    )
     max_concurrent_per_key: int | None = Field(
         32, ge=1, description="With api_keys: most requests one key may have in flight per "
         "router replica (429 beyond); null for no cap."
@@ -141,7 +146,7 @@ class AppConfig(BaseModel):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("model", "served_model_name", mode="before")
+    @field_validator("model", "served_model_name", "api_keys_file", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if value in ("", "default") else value
@@ -154,11 +159,26 @@ class AppConfig(BaseModel):
             return json.loads(value) if value.strip() else None
         return value
 
+    def accepted_keys(self) -> tuple[str, ...]:
+        """``api_keys`` and the keys of ``api_keys_file`` (read now)."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file:
+            try:
+                lines = Path(self.api_keys_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:  # the message names the file, never a key
+                raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: "
+                                 f"{exc.strerror}") from None
+            keys += [line.strip() for line in lines
+                     if line.strip() and not line.lstrip().startswith("#")]
+            if not keys:
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+        return tuple(dict.fromkeys(keys))
+
     def edge_limits(self) -> EdgeLimits:
         """What the router's EdgeGuard enforces (app/edge.py)."""
         return EdgeLimits(max_body_bytes=self.max_body_bytes,
                           max_header_bytes=self.max_header_bytes,
-                          api_keys=tuple(k.get_secret_value() for k in self.api_keys),
+                          api_keys=self.accepted_keys(),
                           max_concurrent_per_key=self.max_concurrent_per_key)
 
     def engine_args(self) -> EngineArgs:

@@ -435,3 +435,25 @@ def test_a_request_failing_in_the_engine_fails_alone(tokenizer: Any) -> None:
         await answers_normally(router)
 
     asyncio.run(main())
+
+
+def test_api_keys_from_a_file(local_cluster: Any, tokenizer: Any, tmp_path: Any) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# operators' keys\n\n  {KEY_B}  \n")
+    router = make_router(local_cluster(replicas=1), tokenizer, api_keys=KEY_A,
+                         api_keys_file=str(keys))
+
+    async def main() -> None:
+        for key in (KEY_A, KEY_B):
+            await answers_normally(router, headers={"Authorization": f"Bearer {key}"})
+        r = await call(router, "GET", "/v1/models",
+                       headers={"Authorization": "Bearer # operators' keys"})
+        assert_error(r, 401, code="invalid_api_key")
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="cannot read api_keys_file") as missing:
+        make_router(local_cluster(replicas=1), tokenizer, api_keys_file=str(tmp_path / "no"))
+    assert KEY_A not in str(missing.value)
+    (tmp_path / "empty").write_text("# none yet\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        make_router(local_cluster(replicas=1), tokenizer, api_keys_file=str(tmp_path / "empty"))

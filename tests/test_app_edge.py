@@ -457,3 +457,20 @@ def test_api_keys_from_a_file(local_cluster: Any, tokenizer: Any, tmp_path: Any)
     (tmp_path / "empty").write_text("# none yet\n")
     with pytest.raises(ValueError, match="holds no key"):
         make_router(local_cluster(replicas=1), tokenizer, api_keys_file=str(tmp_path / "empty"))
+
+
+def test_made_up_paths_share_one_metric_label(local_cluster: Any, tokenizer: Any) -> None:
+    """A client inventing paths must not grow the router's metric label set without bound."""
+    router = make_router(local_cluster(replicas=1), tokenizer, api_keys=KEY_A)
+    labels: list[tuple[str, int]] = []
+    router.metrics.request = lambda route, status: labels.append((route, status))  # type: ignore[method-assign]
+
+    async def main() -> None:
+        auth = {"Authorization": f"Bearer {KEY_A}"}
+        for i in range(5):
+            await call(router, "GET", f"/made/up/{i}", headers=auth)
+            await call(router, "GET", f"/made/up/{i}")  # refused by the guard: 401
+        await answers_normally(router, headers=auth)
+
+    asyncio.run(main())
+    assert set(labels) == {("other", 404), ("other", 401), ("/v1/completions", 200)}

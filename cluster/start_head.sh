@@ -21,3 +21,4 @@ mapfile -t flags < <(ray_node_flags "$ip")
 log "starting the Ray head at $address ($(gpus_per_node) GPUs)"
 ray start --head --port="$RINGSERVE_RAY_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$RINGSERVE_DASHBOARD_PORT" "${flags[@]}"
+settle_after_ray_start

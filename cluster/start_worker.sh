@@ -30,3 +30,4 @@ mapfile -t flags < <(ray_node_flags "$ip")
 log "joining the Ray cluster at $address as $ip ($(gpus_per_node) GPUs)"
 timeout "$RINGSERVE_HEAD_WAIT_S" ray start --address="$address" "${flags[@]}" \
     || die "ray start could not join the Ray cluster at $address"
+settle_after_ray_start

@@ -16,7 +16,7 @@ if [ "$rank" != 0 ]; then
 fi
 bash "$here/start_head.sh"
 if [ -f "$here/start_monitoring.sh" ]; then
-    bash "$here/start_monitoring.sh" || log "warning: the monitoring stack did not start"
+    timeout 300 bash "$here/start_monitoring.sh" || log "warning: the monitoring stack did not start"
 else
     log "no cluster/start_monitoring.sh: monitoring not started"
 fi

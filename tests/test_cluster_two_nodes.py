@@ -48,6 +48,7 @@ OVERRIDES = {
     "RINGSERVE_REPLICA_CPUS": "0.6", "RINGSERVE_NODE_CPUS": "1",
     "RINGSERVE_SERVE_ARGS": "router_num_cpus=0.25 kv_cache_memory=67108864",
     "RINGSERVE_API_KEYS": API_KEY, "RINGSERVE_VENV": sys.prefix,  # installed: setup skips
+    "RINGSERVE_INSTALL_MONITORING": "0",  # no package installs here (Prometheus may run)
     "RINGSERVE_HEAD_WAIT_S": "120", "RINGSERVE_NODES_TIMEOUT_S": "120",
     "RINGSERVE_READY_TIMEOUT_S": "240",
 }

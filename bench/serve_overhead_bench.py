@@ -75,6 +75,7 @@ from bench.throughput_bench import (
     int_pair,
     run_ours_async,
 )
+from cluster import replica_probe
 from cluster.isolation.netns import NetNamespace, netns_supported
 from cluster.isolation.process_group import die_with_parent
 from cluster.isolation.procfs import cmdline, environ, read_stat
@@ -90,26 +91,6 @@ STOP_WAIT_S = 90.0  # after SIGINT: ringserve drains Serve, kills Ray, deletes t
 HURRY_WAIT_S = 30.0  # after a second SIGINT (ringserve's "stop faster")
 PROBE_TIMEOUT_S = 120.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# Inside the namespace: connect a driver to the Serve cluster and ask each LLM replica for its
-# torch thread count (``__ray_call__`` runs a function on an actor).
-PROBE_SCRIPT = """
-import json, sys
-import ray
-ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR", log_to_driver=False)
-
-def probe(actor):
-    import os
-    import torch
-    return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-
-out = []
-for entry in ray.util.list_named_actors(all_namespaces=True):
-    if entry["name"].startswith("SERVE_REPLICA::") and "#LLMServer#" in entry["name"]:
-        handle = ray.get_actor(entry["name"], namespace=entry["namespace"])
-        out.append(ray.get(handle.__ray_call__.remote(probe), timeout=60))
-print("PROBE " + json.dumps(out))
-"""
 
 
 class BenchError(Exception):
@@ -377,13 +358,14 @@ class Server:
         env.update(_gcs_auth_env(self.netns_pids()))  # Ray's token auth, as the GCS has it
         try:
             done = subprocess.run(
-                ["ip", "netns", "exec", name, sys.executable, "-c", PROBE_SCRIPT, address],
-                env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
+                ["ip", "netns", "exec", name, sys.executable, "-m", "cluster.replica_probe",
+                 address], env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                check=False)
         except subprocess.TimeoutExpired:
             return f"probe timed out after {PROBE_TIMEOUT_S:.0f} s"
-        for line in done.stdout.splitlines():
-            if line.startswith("PROBE "):
-                return list(json.loads(line[len("PROBE "):]))
+        found = replica_probe.parse(done.stdout)
+        if found is not None:
+            return list(found["replicas"])
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return f"probe failed (status {done.returncode}): {tail[:300]}"
 

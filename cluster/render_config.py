@@ -30,9 +30,8 @@ class ConfigError(Exception):
 def render(base: dict[str, Any], replicas: int, host: str, port: int, gpus_per_replica: float,
            overrides: dict[str, str]) -> dict[str, Any]:
     """``base`` with the HTTP address and the ringserve application's args set; validated."""
-    from pydantic import ValidationError
-
     from app.config import AppConfig
+    from app.serve_cli import check_app_args
 
     config = dict(base)
     config["http_options"] = {**(base.get("http_options") or {}), "host": host, "port": port}
@@ -45,12 +44,8 @@ def render(base: dict[str, Any], replicas: int, host: str, port: int, gpus_per_r
     keys = os.environ.get(API_KEYS_ENV, "")
     if keys:
         args["api_keys"] = keys
-    try:
-        checked = AppConfig.model_validate(args)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "args"
-        raise ConfigError(f"bad Serve knob {where}: {first['msg']}") from None
+    check_app_args(args)  # the first problem as one line (ServeCliError)
+    checked = AppConfig.model_validate(args)
     # Write back what was checked (strings parsed: "8192" -> 8192, "a,b" -> [a, b]).
     dumped = checked.model_dump()
     apps[0]["args"] = {key: dumped[key] for key in args}

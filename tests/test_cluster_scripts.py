@@ -103,7 +103,7 @@ def test_bad_knob_is_one_line(tmp_path: Path) -> None:
     done = _render(tmp_path, "--replicas", "1", "--set", "max_num_seqs=0")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "render_config: error: bad Serve knob max_num_seqs: Input should be greater than or "
+        "render_config: error: bad app arg max_num_seqs: Input should be greater than or "
         "equal to 1"]
     assert not (tmp_path / "serve.yaml").exists()
 

@@ -15,7 +15,6 @@ Root only (``ip netns``); skipped otherwise.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from cluster import replica_probe
 from cluster.isolation.netns import NetNamespace, netns_names, netns_supported, veth_pair
 from cluster.isolation.procfs import cmdline, is_running
 from cluster.isolation.ray_tmpdir import make_ray_tmpdir
@@ -52,26 +52,6 @@ OVERRIDES = {
     "RINGSERVE_HEAD_WAIT_S": "120", "RINGSERVE_NODES_TIMEOUT_S": "120",
     "RINGSERVE_READY_TIMEOUT_S": "240",
 }
-# Inside the head's namespace: every alive node's IP, and each LLM replica's id and node IP.
-PROBE_SCRIPT = """
-import json, sys
-import ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-
-def where(actor):
-    import ray
-    from ray import serve
-    return {"replica_id": serve.get_replica_context().replica_id.unique_id,
-            "node_ip": ray.util.get_node_ip_address()}
-
-replicas = []
-for entry in ray.util.list_named_actors(all_namespaces=True):
-    if entry["name"].startswith("SERVE_REPLICA::") and "#LLMServer#" in entry["name"]:
-        actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-        replicas.append(ray.get(actor.__ray_call__.remote(where), timeout=60))
-nodes = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
-print("PROBE " + json.dumps({"nodes": nodes, "replicas": replicas}))
-"""
 
 
 class Node:
@@ -136,12 +116,13 @@ def run_everywhere(nodes: list[Node], what: str, log_name: str) -> None:
 
 
 def probe(head: Node) -> dict[str, Any]:
-    done = subprocess.run(
-        [*head.namespace.exec_prefix(), sys.executable, "-c", PROBE_SCRIPT, f"{IPS[0]}:6379"],
-        env=head.env, capture_output=True, text=True, timeout=120)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
-    assert lines, done.stderr[-3000:]
-    return dict(json.loads(lines[0][len("PROBE "):]))
+    """Inside the head: the alive nodes' IPs, each LLM replica's id and node IP."""
+    done = subprocess.run([*head.namespace.exec_prefix(), sys.executable, "-m",
+                           "cluster.replica_probe", f"{IPS[0]}:6379"], cwd=ROOT,
+                          env=head.env, capture_output=True, text=True, timeout=120)
+    found = replica_probe.parse(done.stdout)
+    assert found is not None, done.stderr[-3000:]
+    return found
 
 
 async def _burst(n: int) -> list[httpx.Response]:

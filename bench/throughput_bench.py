@@ -224,7 +224,7 @@ def _print_report(results: list[PhaseResult], items: Sequence[WorkItem], args: a
                   f"{result.generated_tokens:>10d}{ratio_cell:>8}{goal_cell:>7}")
 
 
-def _pair(text: str) -> tuple[int, int]:
+def int_pair(text: str) -> tuple[int, int]:
     lo, hi = (int(v) for v in text.split(","))
     if not 1 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"need 1 <= lo <= hi, got {text!r}")
@@ -244,9 +244,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="default 64 (quick: 8)")
     parser.add_argument("--concurrency", type=_int_list, default=None,
                         help="comma-separated, default 1,8,32 (quick: 1,4)")
-    parser.add_argument("--prompt-len", type=_pair, default=None,
+    parser.add_argument("--prompt-len", type=int_pair, default=None,
                         help="lo,hi inclusive, default 16,512 (quick: 16,128)")
-    parser.add_argument("--output-len", type=_pair, default=None,
+    parser.add_argument("--output-len", type=int_pair, default=None,
                         help="lo,hi inclusive, default 16,256 (quick: 8,32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api", choices=("async", "sync"), default="async")

@@ -1,23 +1,22 @@
 """Integration: real Ray Serve + real engine (embedded SmolLM2-135M), loopback only.
 
-The module enters a private network namespace (root only; skipped otherwise) before it starts
-``serve run app.main:build_app ...``: Ray binds ports on all interfaces, and in the namespace
-only loopback exists. The server process inherits the namespace; the test's own HTTP clients
-run in this thread, which is in it too. One Serve instance (2 LLM replicas) serves the module;
-teardown stops it, kills whatever is left in the namespace (all ours) and deletes it.
+The module enters a private network namespace (root only; skipped otherwise; made with
+:mod:`cluster.isolation`) before it starts ``serve run app.main:build_app ...``: Ray binds
+ports on all interfaces, and in the namespace only loopback exists. The server process
+inherits the namespace; the test's own HTTP clients run in this thread, which is in it too.
+One Serve instance (2 LLM replicas) serves the module; teardown stops it (SIGINT, then
+harder), kills whatever is left in the namespace (all ours) and deletes it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,33 +25,26 @@ from typing import Any
 import httpx
 import pytest
 
+from cluster.isolation.netns import NetNamespace, netns_supported
+from cluster.isolation.process_group import stop_process_group
+from cluster.isolation.ray_tmpdir import make_ray_tmpdir
+
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 PORT = 8123
 BASE = f"http://127.0.0.1:{PORT}"
 SLOTS, QUEUE, REPLICAS = 4, 4, 2
-CLONE_NEWNET = 0x40000000
+NETNS_PREFIX = "rstest"  # the namespace is rstest-<pid>, its RAY_TMPDIR /tmp/rst<pid>-*
+TMP_PREFIX = "rst"
 PROMPT = "The capital of France is"
 CHAT_PROMPT = "Name three colors."
 SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_len=512",
                f"max_waiting_per_replica={QUEUE}", "batch_window_ms=5", "replica_num_cpus=0.5",
                "router_num_cpus=0.25", f"port={PORT}", "host=127.0.0.1"]
 BIN = Path(sys.executable).parent
-NETNS: list[str] = []  # the module's network namespace, once the server fixture made it
+NETNS: list[NetNamespace] = []  # the module's network namespace, once the fixture made it
 MB = 1024 * 1024
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns failed")
-
-
-def _ns_pids(name: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                         timeout=10).stdout
-    return [int(p) for p in out.split()]
 
 
 def _reference(chat: bool, prompt: str, max_tokens: int) -> subprocess.Popen[str]:
@@ -76,61 +68,43 @@ def references() -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def server(references: dict[str, Any]) -> Iterator[str]:
-    if os.geteuid() != 0 or not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists():
+    if not netns_supported():
         pytest.skip("needs root and iproute2 for a private network namespace")
-    name = f"rstest{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    NETNS[:] = [name]
-    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    namespace = NetNamespace.create(NETNS_PREFIX)
+    NETNS[:] = [namespace]
     proc: subprocess.Popen[bytes] | None = None
-    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115 - closed in teardown
+    tmp = make_ray_tmpdir(TMP_PREFIX)
+    log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - closed in teardown
     try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-                       check=True, timeout=10)
-        ns_fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-        _setns(ns_fd)
-        os.close(ns_fd)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=tmp)
-        proc = subprocess.Popen([str(BIN / "serve"), "run", "app.main:build_app", *SERVER_ARGS],
-                                cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, Path(tmp, "serve.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "Serve did not become healthy"
-            try:
-                r = httpx.get(f"{BASE}/health", timeout=5)
-                if r.status_code == 200 and r.json()["healthy_replicas"] == REPLICAS:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        yield BASE
+        with namespace.entered():  # this thread (the test's HTTP clients) and serve run
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(tmp))
+            proc = subprocess.Popen([str(BIN / "serve"), "run", "app.main:build_app",
+                                     *SERVER_ARGS], cwd=Path(__file__).resolve().parents[1],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            _wait_healthy(proc, tmp / "serve.log")
+            yield BASE
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        _setns(original)  # first: this process must not count as one in the namespace
-        os.close(original)
-        for _ in range(20):  # Ray daemons left in the namespace are ours
-            pids = [p for p in _ns_pids(name) if p != os.getpid()]
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
+        if proc is not None:
+            stop_process_group(proc, threading.Event(), waits_s=(60.0, 10.0))
+        namespace.delete()  # outside it: Ray daemons left in the namespace are ours
         log.close()
-        subprocess.run(["ip", "netns", "del", name], timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "Serve did not become healthy"
+        try:
+            r = httpx.get(f"{BASE}/health", timeout=5)
+            if r.status_code == 200 and r.json()["healthy_replicas"] == REPLICAS:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
 
 
 def load(base: str) -> list[dict[str, Any]]:
@@ -255,7 +229,7 @@ def test_bad_requests_are_4xx_and_server_stays_up(server: str, path: str, body: 
 def _serve_process(role: str) -> int:
     """Pid of the one process of our namespace whose title names ``role``."""
     found = []
-    for pid in _ns_pids(NETNS[0]):
+    for pid in NETNS[0].pids():
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:

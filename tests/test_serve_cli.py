@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.serve_cli import LoopbackForwarder, NetNamespace, bind_listener, netns_supported
+from cluster.isolation.forwarder import LoopbackForwarder, bind_listener
+from cluster.isolation.netns import NetNamespace, netns_supported
+from cluster.isolation.procfs import is_running
 
 MODEL = "SmolLM2-135M-Instruct"
 BIN = Path(sys.executable).parent
@@ -219,14 +221,6 @@ def test_serve_in_netns_through_the_forwarder(tmp_path: Path) -> None:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                            timeout=10).stdout.split()
     assert namespace.name not in names
-    alive = [pid for pid in inside if _running(pid)]
+    alive = [pid for pid in inside if is_running(pid)]
     assert not alive, alive
 
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a killed Ray daemon may wait a moment for its reaper)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"

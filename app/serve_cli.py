@@ -563,6 +563,8 @@ def _serve(args: argparse.Namespace) -> int:
         isolate = "netns" if netns_supported() else "none"
     # Bind (or probe) the host port first: a taken port is a one-line error before Ray starts.
     listener: socket.socket | None = bind_listener(host, port)
+    # --monitoring: Prometheus's port is checked now too; it is served once Ray is up
+    prom_listener = bind_listener(host, args.prometheus_port) if args.monitoring else None
     if isolate == "none":
         assert listener is not None
         listener.close()
@@ -577,6 +579,7 @@ def _serve(args: argparse.Namespace) -> int:
         forwarder: LoopbackForwarder | None = None
         proc: subprocess.Popen[bytes] | None = None
         log: IO[bytes] | None = None
+        monitoring: _Monitoring | None = None
         log_path: Path | None = None
         try:
             if isolate == "netns":
@@ -626,6 +629,9 @@ def _serve(args: argparse.Namespace) -> int:
                                 log_path)
                 return EXIT_FAILED
             print(f"ringserve: serving {model} at {base}/v1 (Ctrl-C to stop)", flush=True)
+            if prom_listener is not None:
+                monitoring = _Monitoring.start(tmp, ns, prom_listener, host, args)
+                prom_listener = None
             while not stop.wait(0.5):
                 if proc.poll() is not None:
                     _report_failure(f"serve run exited (status {proc.returncode})", log_path)
@@ -638,6 +644,10 @@ def _serve(args: argparse.Namespace) -> int:
                 listener.close()
             if forwarder is not None:
                 forwarder.close()
+            if prom_listener is not None:
+                prom_listener.close()
+            if monitoring is not None:
+                monitoring.stop()
             if proc is not None:
                 stop_process(proc, hurry)
                 if ns is None:
@@ -649,6 +659,45 @@ def _serve(args: argparse.Namespace) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
             if stop.is_set():
                 _log("stopped")
+
+
+class _Monitoring:
+    """``--monitoring``: Prometheus (cluster/monitoring.py) on this run's Ray session, in
+    Ray's namespace when there is one and forwarded to --host:--prometheus-port."""
+
+    def __init__(self, prometheus: Any, forwarder: LoopbackForwarder | None) -> None:
+        self.prometheus = prometheus
+        self.forwarder = forwarder
+
+    @classmethod
+    def start(cls, tmp: Path, ns: NetNamespace | None, listener: socket.socket, host: str,
+              args: argparse.Namespace) -> _Monitoring:
+        from cluster.monitoring import MonitoringError, start_for_session
+
+        port = args.prometheus_port
+        forwarder = None
+        if ns is None:
+            listener.close()  # only probed: Prometheus binds 127.0.0.1 itself
+        else:
+            forwarder = LoopbackForwarder(listener, ns.connector(port))
+            forwarder.start()
+        try:
+            prometheus = start_for_session(
+                tmp, tmp / "prometheus", port, ns.exec_prefix() if ns else None,
+                scrape_interval_s=args.scrape_interval)
+            prometheus.wait_ready(_url(host if ns else "127.0.0.1", port))
+        except MonitoringError as exc:
+            if forwarder is not None:
+                forwarder.close()
+            raise ServeCliError(f"--monitoring: {exc}") from None
+        _log(f"Prometheus at {_url(host if ns else '127.0.0.1', port)} (dashboards: "
+             "`ringserve dashboards push` to a Grafana, or `ringserve dashboards render`)")
+        return cls(prometheus, forwarder)
+
+    def stop(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.close()
+        self.prometheus.stop()
 
 
 def _default_log(port: int) -> Path:
@@ -695,6 +744,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                    "(default): netns when root on Linux with iproute2, else none")
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds to wait for /health before giving up (default 600)")
+    p.add_argument("--monitoring", action="store_true",
+                   help="also run Prometheus (Debian's prometheus binary) scraping this run's "
+                   "Ray metrics, at --host:--prometheus-port (cluster/monitoring.py)")
+    p.add_argument("--prometheus-port", type=int, default=9090,
+                   help="port of --monitoring's Prometheus (default 9090)")
+    p.add_argument("--scrape-interval", type=float, default=5.0,
+                   help="--monitoring's scrape interval in seconds (default 5)")
     p.add_argument("--log-file", default=None,
                    help="where serve run's output goes (default "
                    "$RINGSERVE_CACHE_DIR/logs/serve-PORT.log; '-' for this terminal)")

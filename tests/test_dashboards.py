@@ -116,3 +116,9 @@ def test_json_files_are_grafana_dashboards(name: str) -> None:
     for panel in data["panels"]:
         pos = panel["gridPos"]
         assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24
+
+
+def test_docs_list_every_metric() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "monitoring.md").read_text()
+    missing = [spec.name for spec in METRICS if f"`ray_{spec.name}" not in text]
+    assert not missing, "docs/monitoring.md does not list these metrics"

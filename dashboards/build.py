@@ -160,6 +160,16 @@ def overview() -> Dashboard:
             Panel("Prompt and generation length", "Tokens per finished sequence, p50 / p90.",
                   "short", s.quantiles(m.PROMPT_LENGTH, "prompt", qs=(0.5, 0.9))
                   + s.quantiles(m.GENERATION_LENGTH, "generation", qs=(0.5, 0.9))),
+            Panel("Tokens in the last hour and day", "Prompt and output tokens over the "
+                  "last 1 h and 24 h.", "short",
+                  (Query(f"sum(increase({s.sel(m.PROMPT_TOKENS)}[1h]))", "prompt, 1 h",
+                         (m.PROMPT_TOKENS,)),
+                   Query(f"sum(increase({s.sel(m.GENERATED_TOKENS)}[1h]))", "generated, 1 h",
+                         (m.GENERATED_TOKENS,)),
+                   Query(f"sum(increase({s.sel(m.PROMPT_TOKENS)}[1d]))", "prompt, 24 h",
+                         (m.PROMPT_TOKENS,)),
+                   Query(f"sum(increase({s.sel(m.GENERATED_TOKENS)}[1d]))", "generated, 24 h",
+                         (m.GENERATED_TOKENS,))), kind="stat"),
             Panel("Drain rate", "Tokens per busy second the replicas report (the router "
                   "sheds from these).", "short",
                   (s.gauge(m.TOKENS_PER_S, legend="prefill + decode"),

@@ -187,3 +187,37 @@ def test_engine_reports_steps_tokens_and_the_ring(swa_engine) -> None:
     assert final.timing.context_tokens == 22 and final.timing.window_tokens == WINDOW
     assert min(final.timing.queue_s, final.timing.prefill_s, final.timing.decode_s) >= 0
     assert final.timing.decode_s > 0
+
+
+def test_router_and_replica_record_one_request_end_to_end(recorded) -> None:
+    """A real Router over an in-process LLMServer (fake engine): what one request records."""
+    import asyncio
+
+    from app.llm_server import LLMServer
+    from tests.conftest import FakeEngine, LocalClient, fake_status
+    from tests.test_app_router import call, load_router_tokenizer, make_router
+
+    async def scenario() -> tuple[int, int]:
+        server = LLMServer(lambda: FakeEngine(max_model_len=256), "r0", status_of=fake_status)
+        router = make_router(LocalClient({"r0": server}), load_router_tokenizer(None))
+        ok = await call(router, "POST", "/v1/completions",
+                        json={"model": "fake-model", "prompt": "Hello", "max_tokens": 5})
+        bad = await call(router, "POST", "/v1/completions",
+                         json={"model": "fake-model", "prompt": 123})
+        await router.shutdown()
+        return ok.status_code, bad.status_code
+
+    assert asyncio.run(scenario()) == (200, 400)
+    sides = sorted(c[2]["side"] for c in calls(recorded, metrics.TTFT))
+    assert sides == ["replica", "router"]
+    assert len(calls(recorded, metrics.E2E)) == 1 and len(calls(recorded, metrics.QUEUE_WAIT)) == 1
+    assert [c[1] for c in calls(recorded, metrics.BATCH_SIZE)] == [1.0]
+    assert len(calls(recorded, metrics.PREDICTED_WAIT)) == 1
+    assert [c[2]["reason"] for c in calls(recorded, metrics.FINISHED)] == ["length"]
+    assert len(calls(recorded, metrics.ITL)) == 4
+    statuses = {(c[2]["route"], c[2]["status"]) for c in calls(recorded, metrics.REQUESTS)}
+    assert {("/v1/completions", "200"), ("/v1/completions", "400")} <= statuses
+    assert calls(recorded, metrics.RUNNING)  # the router's polls set the replica's gauges
+    # the router tags with the configured checkpoint's name (here the default model's), the
+    # name a real engine gives the same checkpoint (model_name_for)
+    assert {c[2]["model"] for c in calls(recorded, metrics.REQUESTS)} == {"SmolLM2-135M-Instruct"}

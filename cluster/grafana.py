@@ -37,8 +37,12 @@ def datasource_body(prometheus_url: str, uid: str) -> dict[str, Any]:
 def push(url: str, token: str | None, dashboard_files: list[Path],
          prometheus_url: str = DEFAULT_PROMETHEUS_URL) -> PushResult:
     """Push the datasource and every dashboard JSON file to the Grafana at ``url``."""
-    from grafana_client import GrafanaApi
-    from grafana_client.client import GrafanaClientError, GrafanaException
+    try:
+        from grafana_client import GrafanaApi
+        from grafana_client.client import GrafanaClientError, GrafanaException
+    except ImportError:
+        raise PushError("grafana-client is not installed: pip install "
+                        "'ringserve[monitoring]' (or grafana-client)") from None
 
     from dashboards.build import DATASOURCE_UID
 

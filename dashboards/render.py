@@ -23,7 +23,7 @@ TIMEOUT_S = 10.0
 
 
 class PrometheusError(Exception):
-    """Prometheus could not be reached or refused a query (one line)."""
+    """Prometheus could not be reached or refused a query, or matplotlib is missing (one line)."""
 
 
 def prometheus_get(base_url: str, path: str, params: dict[str, str]) -> Any:
@@ -62,8 +62,11 @@ def legend_text(template: str, labels: dict[str, str]) -> str:
 def render(dashboard: dict[str, Any], prometheus_url: str, out: Path, minutes: float = 15.0,
            end: float | None = None, rate_interval: str = "1m") -> Path:
     """Draw every panel of ``dashboard`` over the last ``minutes`` into ``out`` (PNG)."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise PrometheusError("matplotlib is not installed: pip install "
+                              "'ringserve[monitoring]' (or matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

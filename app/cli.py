@@ -1,5 +1,6 @@
 """The ``ringserve`` command line: ``ringserve generate`` runs the engine once, in-process;
-``ringserve serve`` starts the Ray Serve application locally (see app/serve_cli.py).
+``ringserve serve`` starts the Ray Serve application locally (see app/serve_cli.py);
+``ringserve dashboards build|push|render`` handles the Grafana dashboards (dashboards/cli.py).
 
 Errors a user can cause (a bad path, a broken checkpoint, a prompt over the limit) print one
 line on stderr and exit non-zero; tracebacks are for bugs only.
@@ -14,6 +15,8 @@ import time
 from collections.abc import Sequence
 
 from app.serve_cli import add_serve_parser, serve
+from dashboards.cli import add_dashboards_parser
+from dashboards.cli import run as dashboards
 
 EXIT_USER_ERROR = 2
 
@@ -110,13 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     add_serve_parser(sub)
+    add_dashboards_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ringserve`` console script."""
     args = build_parser().parse_args(argv)
-    commands = {"generate": generate, "serve": serve}
+    commands = {"generate": generate, "serve": serve, "dashboards": dashboards}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -65,6 +65,7 @@ class Ticket:
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     sent: bool = False
     started: bool = False  # an engine event arrived
+    got_token: bool = False  # a generated token arrived
     closed: bool = False  # finished, failed or cancelled
     finished_choices: int = 0
     seq_tokens: list[int] = field(default_factory=list)
@@ -177,11 +178,13 @@ class Dispatcher:
             raise APIError(429, decision.message, code=decision.reason,
                            headers={"Retry-After": str(decision.retry_after_s)})
         if isinstance(decision, NoReplica):
+            if self._metrics:
+                self._metrics.shed_request("no_replica")
             raise APIError(503, decision.message, code="no_healthy_replica",
                            headers={"Retry-After": "1"})
         assert isinstance(decision, Accepted)
         if self._metrics:
-            self._metrics.observe(self._metrics.predicted_wait, decision.predicted_wait_s)
+            self._metrics.admitted(decision.predicted_wait_s)
         deadline = arrival + deadline_s if deadline_s is not None else None
         ticket = Ticket(request, decision.replica_id, arrival, deadline, stream)
         self._tickets[request.request_id] = ticket
@@ -194,7 +197,7 @@ class Dispatcher:
             return
         self._close(ticket)
         if self._metrics:
-            self._metrics.count(self._metrics.cancelled)
+            self._metrics.cancelled()
         if self._batcher.discard(ticket.replica_id, ticket):
             return
         task = spawn(self._abort(ticket))
@@ -222,7 +225,7 @@ class Dispatcher:
         now = time.monotonic()
         self.board.sent(tickets, now)
         if self._metrics:
-            self._metrics.observe(self._metrics.batch_size, float(len(tickets)))
+            self._metrics.batch_sent(len(tickets))
         items = []
         for t in tickets.values():
             t.sent = True
@@ -263,10 +266,9 @@ class Dispatcher:
         ticket = tickets.get(event.request_id)
         if ticket is None or ticket.closed:
             return
-        if not ticket.started:
-            ticket.started = True
-            if self._metrics:
-                self._metrics.observe(self._metrics.queue_wait, time.monotonic() - ticket.arrival)
+        if self._metrics:
+            self._record(ticket, event)
+        ticket.started = True
         ticket.queue.put_nowait(event)
         if isinstance(event, ItemError):
             self._close(ticket)
@@ -276,6 +278,21 @@ class Dispatcher:
             ticket.seq_tokens.append(event.prompt_tokens + event.completion_tokens)
             if ticket.finished_choices >= ticket.request.params.n:
                 self._close(ticket)
+
+    def _record(self, ticket: Ticket, event: ItemError | GenerationChunk) -> None:
+        """Router-side latency figures: first event, first token, last token."""
+        assert self._metrics is not None
+        now = time.monotonic()
+        if not ticket.started:
+            self._metrics.first_event(ticket.arrival, now)
+        if isinstance(event, ItemError):
+            return
+        if event.token_ids and not ticket.got_token:
+            ticket.got_token = True
+            self._metrics.first_token(ticket.arrival, now)
+        if (event.finish_reason is not None
+                and ticket.finished_choices + 1 >= ticket.request.params.n):
+            self._metrics.finished(ticket.arrival, now)
 
     def in_flight(self) -> int:
         return len(self._tickets)

@@ -99,7 +99,7 @@ class LLMServer:
         self._drain_timeout_s = drain_timeout_s
         self._status_of = status_of
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._metrics = ReplicaMetrics()
+        self._metrics = ReplicaMetrics(self.engine.model_name)
         self._draining = False
 
     # Calls from the router ------------------------------------------------------------
@@ -147,15 +147,12 @@ class LLMServer:
     async def _pump(self, request: GenerationRequest, queue: asyncio.Queue[Event | None],
                     stream: bool = True) -> None:
         """Run one request on the engine, forwarding chunks; None marks its end."""
-        started = time.monotonic()
-        first_token = True
+        tracker = self._metrics.track()
         forwarded_any = False
         held: dict[int, GenerationChunk] = {}  # choice index -> merged chunks not yet sent
         try:
             async for chunk in self.engine.generate(request):
-                if first_token and chunk.token_ids:
-                    self._metrics.observe_ttft(time.monotonic() - started)
-                    first_token = False
+                tracker.chunk(chunk)
                 if stream or not forwarded_any:
                     queue.put_nowait(chunk)
                     forwarded_any = True
@@ -167,8 +164,10 @@ class LLMServer:
                 else:
                     held[chunk.index] = merged
         except asyncio.CancelledError:
+            tracker.ended("abort", request.params.n)
             raise
         except Exception as exc:  # noqa: BLE001 - becomes this request's error event
+            tracker.ended("error", request.params.n)
             status = self._status_of(exc)
             if status >= 500:
                 logger.warning("request %s failed: %r", request.request_id, exc)

@@ -53,6 +53,7 @@ from app.schemas import (
     ModelList,
     SamplingFields,
 )
+from model.default_model import model_name_for
 from model.requests import GenerationChunk, GenerationRequest
 from model.sampling_params import SamplingParams, SamplingParamsError
 
@@ -86,7 +87,7 @@ class Router:
         else:
             self.client = llm
         self.tokenizer = tokenizer or load_router_tokenizer(self.config.model)
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(model_name_for(self.config.model))
         limits = AdmissionLimits(max_queue_wait_s=self.config.max_queue_wait_s,
                                  max_waiting=self.config.max_waiting_per_replica,
                                  default_tokens_per_s=self.config.default_tokens_per_s)
@@ -455,17 +456,14 @@ class Router:
             for ticket in tickets:
                 self.dispatcher.cancel(ticket)
             raise
-        start = time.monotonic()
 
         async def body() -> AsyncIterator[str]:
             pending: tuple[int, GenerationChunk] | None = first
-            tokens = 0
             try:
                 while pending is not None:
                     t, chunk = pending
                     state = states[t][chunk.index]
                     state.add(chunk)
-                    tokens += len(chunk.token_ids)
                     yield render(t, chunk, state)
                     try:
                         pending = await anext(events)
@@ -475,7 +473,6 @@ class Router:
                 if tail is not None:
                     yield tail
                 yield SSE_DONE
-                self._observe_stream(start, tokens)
             except APIError as exc:
                 yield sse(_json(exc.body()))
                 yield SSE_DONE
@@ -488,11 +485,6 @@ class Router:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                    REPLICA_HEADER: _replicas(tickets)}
         return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-    def _observe_stream(self, start: float, tokens: int) -> None:
-        self.metrics.count(self.metrics.generated, float(tokens))
-        if tokens > 1:
-            self.metrics.observe(self.metrics.tpot, (time.monotonic() - start) / (tokens - 1))
 
 
 ROUTES = frozenset({"/health", "/load", "/v1/models", "/v1/completions",

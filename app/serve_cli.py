@@ -43,6 +43,7 @@ from cluster.isolation.netns import NetNamespace, netns_supported
 from cluster.isolation.process_group import die_with_parent, kill_all, stop_process_group
 from cluster.isolation.procfs import session_pids
 from cluster.isolation.ray_tmpdir import make_ray_tmpdir
+from cluster.monitoring import MonitoringError, MonitoringRun
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -256,15 +257,19 @@ def _serve(args: argparse.Namespace) -> int:
     isolate = _isolation_mode(args.isolate)
     # Bind (or probe) the host port first: a taken port is a one-line error before Ray starts.
     listener: socket.socket | None = bind_listener(launch.host, launch.port)
+    # --monitoring: Prometheus's port is checked now too; it is served once Ray is up
+    prom_listener = (bind_listener(launch.host, args.prometheus_port) if args.monitoring
+                     else None)
     if isolate == "none":
         assert listener is not None
         listener.close()
         listener = None
     with _stop_signals() as (stop, hurry):  # handlers first: a Ctrl-C from here on cleans up
-        run = _Run(tmp=make_ray_tmpdir(TMP_PREFIX), listener=listener)
+        run = _Run(tmp=make_ray_tmpdir(TMP_PREFIX), listener=listener,
+                   prom_listener=prom_listener)
         try:
             run.start(launch, args, isolate)
-            return _supervise(run, launch, args.start_timeout, stop)
+            return _supervise(run, launch, args, stop)
         finally:
             if stop.is_set():
                 _log("stopping")
@@ -284,6 +289,8 @@ class _Run:
     proc: subprocess.Popen[bytes] | None = None
     log: IO[bytes] | None = None
     log_path: Path | None = None
+    prom_listener: socket.socket | None = None  # --monitoring's port, until Prometheus runs
+    monitoring: MonitoringRun | None = None
 
     def start(self, launch: Launch, args: argparse.Namespace, isolate: str) -> None:
         """Make the namespace (or fall back), start ``serve run``, start forwarding."""
@@ -335,6 +342,10 @@ class _Run:
             self.listener.close()
         if self.forwarder is not None:
             self.forwarder.close()
+        if self.prom_listener is not None:
+            self.prom_listener.close()
+        if self.monitoring is not None:
+            self.monitoring.stop()
         proc = self.proc
         if proc is not None:
             stop_process_group(proc, hurry)
@@ -347,19 +358,38 @@ class _Run:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _supervise(run: _Run, launch: Launch, start_timeout: float, stop: threading.Event) -> int:
+    def start_monitoring(self, host: str, args: argparse.Namespace) -> None:
+        """``--monitoring``: Prometheus on this run's Ray session, once Serve answers."""
+        assert self.prom_listener is not None
+        listener, self.prom_listener = self.prom_listener, None
+        where = _url(host if self.ns else "127.0.0.1", args.prometheus_port)
+        try:
+            self.monitoring = MonitoringRun.start(self.tmp, self.ns, listener,
+                                                  args.prometheus_port, where,
+                                                  args.scrape_interval)
+        except MonitoringError as exc:
+            raise ServeCliError(f"--monitoring: {exc}") from None
+        _log(f"Prometheus at {where} (dashboards: `ringserve dashboards push` to a Grafana, "
+             "or `ringserve dashboards render`)")
+
+
+def _supervise(run: _Run, launch: Launch, args: argparse.Namespace,
+               stop: threading.Event) -> int:
     """Wait for /health, print the URL, then watch ``serve run`` until a signal."""
     proc = run.proc
     assert proc is not None
     base = _url(launch.host, launch.port)
-    model = _wait_healthy(proc, base, start_timeout, stop)
+    model = _wait_healthy(proc, base, args.start_timeout, stop)
     if model is None:
         if stop.is_set():
             return 0
         _report_failure("serve run exited during start-up" if proc.poll() is not None
-                        else f"no healthy replica within {start_timeout:.0f}s", run.log_path)
+                        else f"no healthy replica within {args.start_timeout:.0f}s",
+                        run.log_path)
         return EXIT_FAILED
     print(f"ringserve: serving {model} at {base}/v1 (Ctrl-C to stop)", flush=True)
+    if run.prom_listener is not None:
+        run.start_monitoring(launch.host, args)
     while not stop.wait(0.5):
         if proc.poll() is not None:
             _report_failure(f"serve run exited (status {proc.returncode})", run.log_path)
@@ -411,6 +441,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                    "(default): netns when root on Linux with iproute2, else none")
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds to wait for /health before giving up (default 600)")
+    p.add_argument("--monitoring", action="store_true",
+                   help="also run Prometheus (Debian's prometheus binary) scraping this run's "
+                   "Ray metrics, at --host:--prometheus-port (cluster/monitoring.py)")
+    p.add_argument("--prometheus-port", type=int, default=9090,
+                   help="port of --monitoring's Prometheus (default 9090)")
+    p.add_argument("--scrape-interval", type=float, default=5.0,
+                   help="--monitoring's scrape interval in seconds (default 5)")
     p.add_argument("--log-file", default=None,
                    help="where serve run's output goes (default "
                    "$RINGSERVE_CACHE_DIR/logs/serve-PORT.log; '-' for this terminal)")

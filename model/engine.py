@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.default_model import DEFAULT_MODEL_NAME, default_model_path
+from model.default_model import default_model_path, model_name_for
 from model.detokenizer import IncrementalDetokenizer
 from model.engine_args import EngineArgs
 from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk, is_decode
@@ -32,6 +32,8 @@ from model.requests import (
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    SequenceTiming,
+    StepRecord,
     TokenLogprob,
 )
 from model.sampler import SamplingRow, sample
@@ -52,6 +54,7 @@ DEFAULT_MAX_MODEL_LEN = 4096
 # count, however old: an engine that has been idle keeps what it measured last.
 THROUGHPUT_WINDOW_S = 10.0
 RATE_MIN_STEPS = 16
+RECENT_STEPS = 256  # step records kept for the replica's step histograms (it polls often)
 # An idle engine thread re-checks every this many seconds whether its event loop is gone.
 IDLE_WAKE_S = 0.5
 
@@ -81,6 +84,11 @@ class _Sequence:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     admitted: bool = False
+    # time.monotonic() marks for the request latency figures (SequenceTiming)
+    added_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -95,6 +103,15 @@ class _StepSample:
     seconds: float  # how long its model run + sampling + bookkeeping took
     tokens: int  # tokens it ran (prompt chunks + decodes)
     prefill_tokens: int  # of those, prompt tokens
+
+
+@dataclass(frozen=True)
+class _StepFigures:
+    """What a scheduled step will run, counted before it runs (sequences may end in it)."""
+
+    batch_size: int
+    prompt_tokens: int  # tokens of the chunks that lie inside their sequence's prompt
+    ring_rows_overwritten: int  # positions >= W written (each overwrites a ring row)
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,11 @@ class Engine:
         self._pending_aborts: deque[str] = deque()
         self._throughput: deque[_StepSample] = deque()  # recent steps
         self._prefill_throughput: deque[_StepSample] = deque()  # recent steps with prompt chunks
+        self._recent_steps: deque[StepRecord] = deque(maxlen=RECENT_STEPS)
+        self._steps_total = 0
+        self._prompt_tokens_total = 0
+        self._generated_tokens_total = 0
+        self._ring_rows_overwritten_total = 0
         self._lock = threading.Lock()  # guards scheduler state between step() and add/abort
         # asyncio side
         self._queues: dict[str, asyncio.Queue[GenerationChunk | BaseException]] = {}
@@ -200,7 +222,7 @@ class Engine:
             max_num_batched_tokens=max(args.max_num_batched_tokens, num_slots),
             prefill_chunk=args.prefill_chunk or args.max_num_batched_tokens,
         )
-        name = DEFAULT_MODEL_NAME if is_default else path.name.removesuffix(".gguf")
+        name = model_name_for(args.model)
         engine = cls(model, tokenizer, cache, scheduler_config, max_model_len, name)
         release_omp_threads()  # the loading thread's workers would throttle the stepping one's
         return engine
@@ -272,16 +294,30 @@ class Engine:
             outputs = self._apply_pending()
             outputs += self._expire_deadlines()
             scheduled = self.scheduler.schedule()
+            started = time.monotonic()
             for chunk in scheduled:
-                self._sequences[chunk.seq_id].admitted = True
+                seq = self._sequences[chunk.seq_id]
+                seq.admitted = True
+                seq.scheduled_at = seq.scheduled_at or started
+            figures = self._step_figures(scheduled)
         if not scheduled:
             return outputs
-        started = time.monotonic()
         sampled = self._execute(scheduled)
         with self._lock:
             outputs += self._update(scheduled, sampled)
+            self._record_step(started, scheduled, figures, len(sampled))
         self._record_throughput(started, scheduled)
         return outputs
+
+    def _step_figures(self, scheduled: list[ScheduledChunk]) -> _StepFigures:
+        window = self.cache.buffer_len
+        prompt = overwritten = 0
+        for chunk in scheduled:
+            end = chunk.start_pos + chunk.num_tokens
+            prompt += max(0, min(end, self._sequences[chunk.seq_id].prompt_len)
+                          - chunk.start_pos)
+            overwritten += max(0, end - max(chunk.start_pos, window))
+        return _StepFigures(len(scheduled), prompt, overwritten)
 
     def _apply_pending(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
@@ -389,6 +425,8 @@ class Engine:
         params = seq.request.params
         seq.token_ids.append(token_id)
         seq.output_ids.append(token_id)
+        seq.last_token_at = time.monotonic()
+        seq.first_token_at = seq.first_token_at or seq.last_token_at
         finish: FinishReason | None = None
         text = ""
         if is_stop_token(token_id, params, self.tokenizer.eos_token_ids):
@@ -409,7 +447,7 @@ class Engine:
             tail = _finish_tail(seq, finish)
             self._drop(seq)
             chunk = GenerationChunk(**{**chunk.__dict__, "text": chunk.text + tail,
-                                       "finish_reason": finish})
+                                       "finish_reason": finish, "timing": self._timing(seq)})
         return chunk
 
     def _error_chunks(self, request: GenerationRequest, exc: BaseException
@@ -431,7 +469,17 @@ class Engine:
         self._drop(seq)
         return GenerationChunk(request_id=seq.request.request_id, index=seq.index, text=text,
                                token_ids=(), finish_reason=reason, prompt_tokens=seq.prompt_len,
-                               completion_tokens=len(seq.output_ids))
+                               completion_tokens=len(seq.output_ids), timing=self._timing(seq))
+
+    def _timing(self, seq: _Sequence) -> SequenceTiming:
+        """Where a finishing sequence spent its time (phases it never reached count 0)."""
+        now = time.monotonic()
+        scheduled = seq.scheduled_at or now
+        first = seq.first_token_at or now
+        return SequenceTiming(
+            queue_s=scheduled - seq.added_at, prefill_s=max(0.0, first - scheduled),
+            decode_s=max(0.0, (seq.last_token_at or first) - first),
+            context_tokens=len(seq.token_ids), window_tokens=self.cache.buffer_len)
 
     def _drop(self, seq: _Sequence) -> None:
         if not self.scheduler.abort(seq.seq_id):
@@ -453,6 +501,17 @@ class Engine:
         for samples in (self._throughput, self._prefill_throughput):
             while len(samples) > RATE_MIN_STEPS and samples[0].end < now - THROUGHPUT_WINDOW_S:
                 samples.popleft()
+
+    def _record_step(self, started: float, scheduled: list[ScheduledChunk],
+                     figures: _StepFigures, sampled: int) -> None:
+        """Count the step for stats() (called under the lock: stats() reads these)."""
+        self._steps_total += 1
+        self._prompt_tokens_total += figures.prompt_tokens
+        self._generated_tokens_total += sampled
+        self._ring_rows_overwritten_total += figures.ring_rows_overwritten
+        self._recent_steps.append(StepRecord(
+            index=self._steps_total, batch_size=figures.batch_size,
+            tokens=sum(c.num_tokens for c in scheduled), seconds=time.monotonic() - started))
 
     def run_to_completion(self, requests: Iterable[GenerationRequest]
                           ) -> list[CompletedChoice]:
@@ -502,6 +561,12 @@ class Engine:
             running = len(self.scheduler.running)
             samples = list(self._throughput)
             prefill_samples = list(self._prefill_throughput)
+            window = self.cache.buffer_len
+            past_window = sum(1 for s in self.scheduler.running.values()
+                              if s.num_computed > window)  # cached past W: ring wrapped
+            totals = (self._prompt_tokens_total, self._generated_tokens_total,
+                      self._ring_rows_overwritten_total)
+            recent = tuple(self._recent_steps)
         busy = sum(s.seconds for s in samples)
         rate = sum(s.tokens for s in samples) / busy if busy > 0 else 0.0
         # prefill rate: prompt tokens over the time of the steps that ran prompt chunks (a
@@ -520,6 +585,12 @@ class Engine:
             kv_cache_bytes=self.cache.total_bytes,
             kv_cache_used_bytes=self.cache.used_bytes,
             healthy=self.healthy,
+            window_tokens=window,
+            sequences_past_window=past_window,
+            prompt_tokens_total=totals[0],
+            generated_tokens_total=totals[1],
+            ring_rows_overwritten_total=totals[2],
+            recent_steps=recent,
         )
 
     @property

@@ -33,6 +33,21 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class SequenceTiming:
+    """How one finished choice spent its time in the engine (``time.monotonic()`` deltas).
+
+    Carried by the choice's last chunk, for the replica's latency histograms: queue (added to
+    first scheduled), prefill (first scheduled to first token), decode (first token to last).
+    """
+
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    context_tokens: int  # prompt + generated tokens at the end
+    window_tokens: int  # W: rows per sequence of the rolling KV buffer
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """What one engine step produced for one choice of one request (streamed in order)."""
 
@@ -45,6 +60,17 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far for this choice
+    timing: SequenceTiming | None = None  # on a choice's last chunk when the engine ran it
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one engine step ran, for the step histograms (``index`` counts steps from 1)."""
+
+    index: int
+    batch_size: int  # sequences with a chunk in the step
+    tokens: int  # tokens the step ran (prompt chunks + decodes)
+    seconds: float  # model run + sampling + bookkeeping
 
 
 @dataclass(frozen=True)
@@ -61,3 +87,11 @@ class EngineStats:
     kv_cache_bytes: int
     kv_cache_used_bytes: int
     healthy: bool
+    # The rolling buffer made visible: W, running sequences whose context has passed W (their
+    # ring has wrapped), and rows the ring overwrote so far (positions >= W, once per sequence).
+    window_tokens: int = 0
+    sequences_past_window: int = 0
+    ring_rows_overwritten_total: int = 0
+    prompt_tokens_total: int = 0  # prompt tokens prefilled since start
+    generated_tokens_total: int = 0  # tokens sampled since start
+    recent_steps: tuple[StepRecord, ...] = ()  # the last few steps, oldest first

@@ -68,6 +68,7 @@ class Node:
         env.update(SKYPILOT_NODE_RANK=str(rank), SKYPILOT_NODE_IPS="\n".join(IPS),
                    SKYPILOT_NUM_NODES=str(len(IPS)), SKYPILOT_NUM_GPUS_PER_NODE="0",
                    RINGSERVE_RAY_TMPDIR=str(tmp / "ray"),
+                   RINGSERVE_MONITORING_DIR=str(tmp / "monitoring"),
                    RINGSERVE_SERVE_CONFIG=str(tmp / "serve_config.yaml"), HOME=str(tmp))
         self.env = env
 

@@ -48,6 +48,8 @@ def render(base: dict[str, Any], replicas: int, host: str, port: int, gpus_per_r
     checked = AppConfig.model_validate(args)
     # Write back what was checked (strings parsed: "8192" -> 8192, "a,b" -> [a, b]).
     dumped = checked.model_dump()
+    # keys are secret strings (they print masked); the file (mode 0600) needs their values
+    dumped["api_keys"] = [key.get_secret_value() for key in checked.api_keys]
     apps[0]["args"] = {key: dumped[key] for key in args}
     return config
 

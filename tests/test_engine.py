@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from model.engine_args import EngineArgs
 from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk
 from model.requests import GenerationRequest
 from model.sampling_params import SamplingParams
+from model.scheduler import ScheduledChunk
 from model.transformer import Transformer
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_hf_checkpoint
@@ -180,30 +180,50 @@ def test_stats_report_load_and_a_busy_time_drain_rate(engine: Engine) -> None:
         engine.step()
     after = engine.stats()
     assert after.tokens_per_s > 0 and after.free_slots == after.total_slots
-    # idle time does not dilute the drain rate: a pause between two bursts keeps it
-    time.sleep(1.5)
-    engine.run_to_completion([GenerationRequest("again", prompt(30, 300), greedy(4))])
-    assert engine.stats().tokens_per_s > 0.5 * after.tokens_per_s
 
 
-def test_prefill_rate_is_measured_and_outlives_the_window(engine: Engine, monkeypatch) -> None:
+class FakeClock:
+    """``time.monotonic`` for the engine module: moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_rates_count_busy_time_and_outlive_idle_spells(engine: Engine, monkeypatch) -> None:
+    """Drain rate = tokens / busy seconds of recent steps; prefill rate = prompt tokens /
+    seconds of the steps that ran prompt chunks; the last RATE_MIN_STEPS steps of each are
+    kept whatever their age, so an idle spell neither dilutes nor forgets them."""
     import model.engine as engine_module
 
-    engine.warm_up(prompt_tokens=48)
+    clock = FakeClock()
+    monkeypatch.setattr(engine_module, "time", clock)
+    monkeypatch.setattr(engine, "_throughput", type(engine._throughput)())
+    monkeypatch.setattr(engine, "_prefill_throughput", type(engine._prefill_throughput)())
+
+    def step(start_pos: int, num_tokens: int, seconds: float) -> None:
+        started = clock.now
+        clock.now += seconds
+        engine._record_throughput(started, [ScheduledChunk("s", 0, start_pos, num_tokens,
+                                                           samples=True)])
+
+    step(0, 48, 0.05)  # a 48-token prompt chunk
+    for i in range(24):  # then 24 decode steps
+        step(48 + i, 1, 0.04)
     stats = engine.stats()
-    assert stats.waiting_requests == 0 and stats.free_slots == stats.total_slots
-    # a 48-token prompt chunk costs about what one decode step costs: prompt tokens/s in
-    # prompt steps is far above the overall rate of a run that is mostly single-token steps
-    engine.run_to_completion([GenerationRequest("decodes", prompt(4, 400), greedy(24))])
-    stats = engine.stats()
-    assert stats.prefill_tokens_per_s > 2 * stats.tokens_per_s > 0
-    # after an idle spell longer than the rate window, a tiny prompt step does not replace
-    # what the earlier (larger) prompt steps measured: the rate stays of the same order
-    before = stats.prefill_tokens_per_s
-    monkeypatch.setattr(engine_module, "THROUGHPUT_WINDOW_S", 0.05)
-    time.sleep(0.1)
-    engine.run_to_completion([GenerationRequest("one", prompt(2, 500), greedy(1))])
-    assert engine.stats().prefill_tokens_per_s > 0.4 * before
+    assert stats.prefill_tokens_per_s == pytest.approx(48 / 0.05)
+    assert stats.tokens_per_s == pytest.approx((48 + 24) / (0.05 + 24 * 0.04))
+    clock.now += 10 * engine_module.THROUGHPUT_WINDOW_S  # idle: no steps at all
+    assert engine.stats().tokens_per_s == pytest.approx(stats.tokens_per_s)
+    step(0, 2, 0.04)  # a tiny prompt step after the idle spell
+    keep = engine_module.RATE_MIN_STEPS
+    after = engine.stats()
+    # both prompt steps are within the last RATE_MIN_STEPS prompt steps: the rate blends them
+    assert after.prefill_tokens_per_s == pytest.approx((48 + 2) / (0.05 + 0.04))
+    # the drain rate keeps the newest RATE_MIN_STEPS steps: keep - 1 decodes and the tiny one
+    assert after.tokens_per_s == pytest.approx((keep - 1 + 2) / (keep * 0.04))
 
 
 def test_async_loop_survives_a_failed_step_and_drains_on_shutdown(swa_checkpoint: Path,

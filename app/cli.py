@@ -1,6 +1,7 @@
 """The ``ringserve`` command line: ``ringserve generate`` runs the engine once, in-process;
 ``ringserve serve`` starts the Ray Serve application locally (see app/serve_cli.py);
-``ringserve dashboards build|push|render`` handles the Grafana dashboards (dashboards/cli.py).
+``ringserve dashboards build|push|render`` handles the Grafana dashboards (dashboards/cli.py);
+``ringserve bench serve`` measures any OpenAI-compatible server over HTTP (bench/serve_bench.py).
 
 Errors a user can cause (a bad path, a broken checkpoint, a prompt over the limit) print one
 line on stderr and exit non-zero; tracebacks are for bugs only.
@@ -17,8 +18,32 @@ from collections.abc import Sequence
 from app.serve_cli import add_serve_parser, serve
 from dashboards.cli import add_dashboards_parser
 from dashboards.cli import run as dashboards
+from model.engine_args import DEFAULT_QUANTIZATION
 
 EXIT_USER_ERROR = 2
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from bench.serve_bench import __doc__ as serve_doc
+    from bench.serve_bench import add_arguments
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    p = kinds.add_parser("serve", help="load-test OpenAI-compatible servers over HTTP",
+                         description=serve_doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """``ringserve bench serve``: see bench/serve_bench.py."""
+    from bench.serve_bench import EXIT_ERROR, BenchError, run
+
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"ringserve bench serve: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -45,6 +70,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--quantization", choices=("none", "int8", "auto"), default=DEFAULT_QUANTIZATION,
+                   help="int8: projections and LM head as int8 (CPU); auto: int8 on CPU, "
+                        "bf16 unquantized on CUDA; none: the dtype as given")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text and token_ids (generated ids only)")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
@@ -66,7 +94,8 @@ def generate(args: argparse.Namespace) -> int:
     engine = Engine.from_args(EngineArgs(
         model=args.model, dtype=args.dtype, device=args.device, window=args.window,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=max(args.n, 1), progress=not args.quiet))
+        max_num_seqs=max(args.n, 1), progress=not args.quiet,
+        quantization=args.quantization))
     if not args.quiet:
         print(f"loaded {engine.model_name} in {time.monotonic() - started:.1f}s",
               file=sys.stderr)
@@ -99,12 +128,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from model.config import ConfigError
     from model.default_model import DefaultModelMissing
     from model.engine import EngineRequestError
+    from model.quantization import QuantizationError
     from model.sampling_params import SamplingParamsError
     from model.tokenizers import TokenizerError
     from model.weights import WeightsError
 
-    return (ConfigError, WeightsError, TokenizerError, EngineRequestError, SamplingParamsError,
-            DefaultModelMissing, FileNotFoundError, PermissionError, IsADirectoryError)
+    return (ConfigError, QuantizationError, WeightsError, TokenizerError, EngineRequestError,
+            SamplingParamsError, DefaultModelMissing, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,13 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     add_serve_parser(sub)
     add_dashboards_parser(sub)
+    _add_bench(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ringserve`` console script."""
     args = build_parser().parse_args(argv)
-    commands = {"generate": generate, "serve": serve, "dashboards": dashboards}
+    commands = {"generate": generate, "serve": serve, "dashboards": dashboards, "bench": bench}
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from app.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, EdgeLimits
-from model.engine_args import EngineArgs
+from model.engine_args import DEFAULT_QUANTIZATION, EngineArgs
 
 
 class AutoscalingSettings(BaseModel):
@@ -49,6 +49,10 @@ class AppConfig(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Engine device; auto picks CUDA when the replica has a GPU."
+    )
+    quantization: Literal["none", "int8", "auto"] = Field(
+        DEFAULT_QUANTIZATION, description="int8: projections and LM head as int8 (CPU, fbgemm); "
+        "auto: int8 on CPU, bf16 unquantized on CUDA; none: weights in `dtype`.",
     )
     window: int | None = Field(
         None, ge=1, description="Override the checkpoint's sliding-window size (tokens)."
@@ -186,6 +190,7 @@ class AppConfig(BaseModel):
         return EngineArgs(
             model=self.model,
             dtype=self.dtype,
+            quantization=self.quantization,
             device=self.device,
             window=self.window,
             full_attention=self.full_attention,

@@ -27,6 +27,7 @@ from model.detokenizer import IncrementalDetokenizer
 from model.engine_args import EngineArgs
 from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk, is_decode
 from model.omp_threads import release_omp_threads
+from model.quantization import resolve_quantization
 from model.requests import (
     EngineStats,
     FinishReason,
@@ -196,15 +197,17 @@ class Engine:
             torch.set_num_threads(args.torch_threads)
         is_default = args.model in (None, "", "default")
         path = default_model_path() if is_default else Path(str(args.model))
-        loaded = load_weights(path, progress=args.progress)
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        quantization = resolve_quantization(args.quantization, device, dtype)
+        loaded = load_weights(path, progress=args.progress, quantization=quantization)
         config: ModelConfig = loaded.config
         if args.full_attention:
             config = config.with_window(None)
         elif args.window is not None:
             config = config.with_window(args.window)
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        model = Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device)
+        model = Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device,
+                                         quantization=quantization, scales=loaded.scales)
         del loaded
         tokenizer = load_tokenizer(path)
         max_model_len = args.max_model_len or min(config.max_position_embeddings,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# none | int8 | auto (see EngineArgs.quantization); the CLI, AppConfig and EngineArgs share it
+DEFAULT_QUANTIZATION = "none"
+
 
 @dataclass(frozen=True)
 class EngineArgs:
@@ -11,6 +14,9 @@ class EngineArgs:
 
     model: str | None = None  # checkpoint folder or .gguf file; None/"default": embedded model
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA; or float32/bfloat16/float16
+    # int8: projections and LM head as int8 (CPU, fbgemm); auto: int8 on CPU with fp32
+    # activations, none otherwise (CUDA runs bf16 unquantized); none: as the checkpoint's dtype
+    quantization: str = DEFAULT_QUANTIZATION
     device: str = "auto"  # auto: cuda when available, else cpu
     window: int | None = None  # override the checkpoint's sliding window (tokens)
     full_attention: bool = False  # ignore the checkpoint's window entirely

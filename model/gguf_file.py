@@ -7,6 +7,8 @@ a cache entry and later uses read that instead::
     $RINGSERVE_CACHE_DIR (default ~/.cache/ringserve)/gguf/<file name>-<size>-<mtime_ns>-v1/
         metadata.json         every key/value field, tokenizer arrays included
         weights.safetensors   float32 tensors under canonical names (written by model.weights)
+        weights-int8.safetensors  the same with projections as int8 plus row scales
+                              (``<name>#scale``), written when int8 quantization is asked for
 
 The entry is keyed by the file's name, size and modification time, so replacing the file
 invalidates it. Every cache file is written under a temporary name and renamed into place:
@@ -34,6 +36,7 @@ CACHE_ENV = "RINGSERVE_CACHE_DIR"
 CACHE_FORMAT = "v1"  # bump when what a cache entry holds changes; old entries are then unused
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.safetensors"
+INT8_WEIGHTS_FILE = "weights-int8.safetensors"
 _STALE_TEMP_S = 3600.0  # temporary files older than this belong to an interrupted conversion
 # GGML types stored as plain numpy arrays; BF16 is stored as raw bytes and goes through
 # gguf.quants like the block quantizations.
@@ -58,6 +61,11 @@ def cache_entry(path: Path) -> Path:
     stat = path.stat()
     key = f"{path.name}-{stat.st_size}-{stat.st_mtime_ns}-{CACHE_FORMAT}"
     return cache_root() / "gguf" / key
+
+
+def weights_file_name(quantization: str) -> str:
+    """The cache file holding a GGUF file's converted weights for this quantization."""
+    return INT8_WEIGHTS_FILE if quantization == "int8" else WEIGHTS_FILE
 
 
 def write_atomically(target: Path, write: Callable[[Path], object]) -> None:

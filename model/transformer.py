@@ -24,6 +24,14 @@ from model.kv_cache import (
     SequenceChunk,
     plan_cache_access,
 )
+from model.quantization import (
+    Int8Projection,
+    Int8Weight,
+    Quantization,
+    QuantizationError,
+    concat_rows,
+    quantize_rows,
+)
 from model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -164,30 +172,59 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, torch.Tensor],
-                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
-                     ) -> Transformer:
+                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                     quantization: Quantization = "none",
+                     scales: Mapping[str, torch.Tensor] | None = None) -> Transformer:
         """Build from canonical (HF-layout) tensors, fusing q/k/v and gate/up projections.
 
         Projection weights are stored transposed (see :class:`Projection`); a tied output
-        layer therefore gets its own transposed copy of the embedding.
+        layer therefore gets its own transposed copy of the embedding. With
+        ``quantization="int8"`` every projection and the LM head is an
+        :class:`~model.quantization.Int8Projection` (CPU, fp32 activations); tensors already
+        int8 (their row scales in ``scales``, as ``load_weights`` returns them) are used as
+        they are, fp32 ones are quantized here. Unquantized, int8 inputs are dequantized.
         """
+        scales = scales or {}
+        if quantization == "int8" and (torch.device(device).type != "cpu"
+                                       or dtype != torch.float32):
+            raise QuantizationError("int8 projections run on CPU with float32 activations")
         model = cls(config)  # parameters are uninitialized (torch.empty) until assigned below
+
+        def fp32(name: str) -> torch.Tensor:
+            if name in scales:
+                return Int8Weight(tensors[name], scales[name]).dequantize()
+            return tensors[name]
+
+        def int8(name: str) -> Int8Weight:
+            if name in scales:
+                return Int8Weight(tensors[name], scales[name])
+            return quantize_rows(tensors[name])
+
+        head = "lm_head.weight" if "lm_head.weight" in tensors else "embed_tokens.weight"
+        # projection -> the canonical weights it fuses, in output-row order
+        fused: dict[str, list[str]] = {"lm_head": [head]}
+        for i in range(config.num_layers):
+            p = f"layers.{i}."
+            fused[p + "qkv_proj"] = [p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")]
+            fused[p + "o_proj"] = [p + "self_attn.o_proj.weight"]
+            fused[p + "gate_up_proj"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+            fused[p + "down_proj"] = [p + "mlp.down_proj.weight"]
         state: dict[str, torch.Tensor] = {
-            "embed_tokens.weight": tensors["embed_tokens.weight"],
+            "embed_tokens.weight": fp32("embed_tokens.weight"),
             "norm.weight": tensors["norm.weight"],
-            "lm_head.weight_t": tensors.get("lm_head.weight", tensors["embed_tokens.weight"]).T,
         }
         for i in range(config.num_layers):
             p = f"layers.{i}."
-            state[p + "input_layernorm.weight"] = tensors[p + "input_layernorm.weight"]
-            state[p + "post_attention_layernorm.weight"] = tensors[
-                p + "post_attention_layernorm.weight"]
-            state[p + "qkv_proj.weight_t"] = torch.cat(
-                [tensors[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]).T
-            state[p + "o_proj.weight_t"] = tensors[p + "self_attn.o_proj.weight"].T
-            state[p + "gate_up_proj.weight_t"] = torch.cat(
-                [tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]]).T
-            state[p + "down_proj.weight_t"] = tensors[p + "mlp.down_proj.weight"].T
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                state[p + norm + ".weight"] = tensors[p + norm + ".weight"]
+        for module_name, parts in fused.items():
+            if quantization == "int8":
+                model.set_submodule(module_name,
+                                    Int8Projection(concat_rows([int8(n) for n in parts])))
+            else:
+                weights = [fp32(n) for n in parts]
+                state[module_name + ".weight_t"] = (weights[0] if len(weights) == 1
+                                                    else torch.cat(weights)).T
         state = {name: t.to(device=device, dtype=dtype).contiguous()
                  for name, t in state.items()}
         model.load_state_dict(state, assign=True)

@@ -24,6 +24,12 @@ and its GGUF loader do.
 Names and shapes are checked against the config before any tensor data is read, so a wrong or
 foreign checkpoint fails at once with :class:`WeightsError` naming the tensor and file.
 GGUF files are dequantized once into the cache described in :mod:`model.gguf_file`.
+
+With ``quantization="int8"`` every projection and the LM head (see
+:func:`model.quantization.is_quantized_weight`) is quantized per output row as it is read, one
+tensor at a time: its entry in ``tensors`` is then int8 and ``scales`` holds its fp32 row
+scales. No fp32 copy of the whole model is ever held (a bf16 or GGUF checkpoint is widened
+one tensor at a time). A GGUF file's int8 form is cached beside its fp32 form.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ from model import gguf_file
 from model.config import ConfigError, ModelConfig
 from model.default_model import default_model_path
 from model.json_file import read_json_object
+from model.quantization import Quantization, is_quantized_weight, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +62,16 @@ class WeightsError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """A checkpoint's config and its tensors under canonical names (float32, CPU)."""
+    """A checkpoint's config and its tensors under canonical names (float32, CPU).
+
+    Under int8 quantization the projection weights are int8 [out, in] and ``scales`` maps
+    each of their names to its float32 row scales [out]; otherwise ``scales`` is empty.
+    """
 
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
     source: Path  # the folder or GGUF file the weights came from
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # Canonical names ------------------------------------------------------------------------------
@@ -204,25 +216,29 @@ def _unexpected(name: str, file: Path, config: ModelConfig) -> str:
 
 
 # Entry point ----------------------------------------------------------------------------------
-def load_weights(path: Path | None = None, *, progress: bool = True) -> LoadedWeights:
+def load_weights(path: Path | None = None, *, progress: bool = True,
+                 quantization: Quantization = "none") -> LoadedWeights:
     """Load a checkpoint: a HF folder, a Mistral consolidated folder, or a GGUF file.
 
     ``path=None`` loads the embedded default model. ``progress`` shows a tqdm bar on stderr
-    while tensors are read or dequantized. Raises WeightsError (or ConfigError for a bad
-    config file) with a one-line message naming the file and tensor at fault.
+    while tensors are read or dequantized. ``quantization="int8"`` returns the projections
+    as int8 with row scales (see :class:`LoadedWeights`). Raises WeightsError (or ConfigError
+    for a bad config file) with a one-line message naming the file and tensor at fault.
     """
+    if quantization not in ("none", "int8"):
+        raise ValueError(f"quantization must be none or int8 here, got {quantization!r}")
     path = default_model_path() if path is None else Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _load_folder(path, progress)
+        return _load_folder(path, progress, quantization)
     if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-        return _load_gguf(path, progress)
+        return _load_gguf(path, progress, quantization)
     raise WeightsError(f"{path}: not a GGUF file; give a GGUF file, or the folder holding a "
                        "HF (config.json) or Mistral (params.json) checkpoint")
 
 
-def _load_folder(folder: Path, progress: bool) -> LoadedWeights:
+def _load_folder(folder: Path, progress: bool, quantization: Quantization) -> LoadedWeights:
     hf_files = _hf_weight_files(folder)
     consolidated = sorted(folder.glob("consolidated*.safetensors"))
     if (folder / "config.json").is_file() and hf_files:
@@ -238,10 +254,10 @@ def _load_folder(folder: Path, progress: bool) -> LoadedWeights:
     else:
         ggufs = sorted(folder.glob("*.gguf"))
         if len(ggufs) == 1 and not (folder / "config.json").exists():
-            return _load_gguf(ggufs[0], progress)
+            return _load_gguf(ggufs[0], progress, quantization)
         raise WeightsError(_no_weights_message(folder))
-    tensors = _read_planned(plan, progress)
-    return LoadedWeights(config=config, tensors=tensors, source=folder)
+    tensors, scales = _read_planned(plan, progress, quantization)
+    return LoadedWeights(config=config, tensors=tensors, source=folder, scales=scales)
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
@@ -292,11 +308,13 @@ def _scan_safetensors(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...
     return found
 
 
-def _read_planned(plan: Mapping[str, _Source], progress: bool) -> dict[str, torch.Tensor]:
+def _read_planned(plan: Mapping[str, _Source], progress: bool, quantization: Quantization
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     by_file: dict[Path, list[tuple[str, _Source]]] = {}
     for canonical, source in plan.items():
         by_file.setdefault(source.file, []).append((canonical, source))
     tensors: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     with tqdm(total=len(plan), desc="loading weights", unit="tensor", file=sys.stderr,
               disable=not progress) as bar:
         for file, items in by_file.items():
@@ -307,11 +325,21 @@ def _read_planned(plan: Mapping[str, _Source], progress: bool) -> dict[str, torc
                         tensor = handle.get_tensor(source.name).to(torch.float32)
                         if source.rotary_heads is not None:
                             tensor = interleaved_to_rotate_half(tensor, source.rotary_heads)
-                        tensors[canonical] = tensor.contiguous()
+                        _store(canonical, tensor, quantization, tensors, scales)
                         bar.update()
             except (SafetensorError, OSError) as exc:
                 raise WeightsError(f"{file}: unreadable safetensors file ({exc})") from exc
-    return tensors
+    return tensors, scales
+
+
+def _store(canonical: str, tensor: torch.Tensor, quantization: Quantization,
+           tensors: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> None:
+    """Keep one fp32 tensor, quantized to int8 rows first where the quantization says so."""
+    if quantization == "int8" and is_quantized_weight(canonical):
+        quantized = quantize_rows(tensor)
+        tensors[canonical], scales[canonical] = quantized.values, quantized.scale
+    else:
+        tensors[canonical] = tensor.contiguous()
 
 
 # GGUF -----------------------------------------------------------------------------------------
@@ -323,21 +351,50 @@ def _has_gguf_magic(path: Path) -> bool:
         return False
 
 
-def _load_gguf(path: Path, progress: bool) -> LoadedWeights:
+def _load_gguf(path: Path, progress: bool, quantization: Quantization) -> LoadedWeights:
     entry = gguf_file.cache_entry(path)
-    cached = _read_gguf_cache(entry)
+    weights_file = entry / gguf_file.weights_file_name(quantization)
+    cached = _read_gguf_cache(entry, weights_file)
     if cached is None:
-        return _convert_gguf(path, entry, progress)
-    meta, tensors = cached
+        return _convert_gguf(path, entry, weights_file, progress, quantization)
+    meta, stored = cached
+    tensors, scales = _split_scales(stored)
     config = ModelConfig.from_gguf_metadata(meta, "lm_head.weight" in tensors)
-    cache_file = entry / gguf_file.WEIGHTS_FILE
-    _plan({name: (cache_file, tuple(t.shape)) for name, t in tensors.items()},
-          lambda name: name, config, cache_file)
-    return LoadedWeights(config=config, tensors=tensors, source=path)
+    _plan({name: (weights_file, tuple(t.shape)) for name, t in tensors.items()},
+          lambda name: name, config, weights_file)
+    _check_quantized(tensors, scales, quantization, weights_file)
+    return LoadedWeights(config=config, tensors=tensors, source=path, scales=scales)
 
 
-def _read_gguf_cache(entry: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    weights_file = entry / gguf_file.WEIGHTS_FILE
+# An int8 cache file stores each quantized weight's row scales under its name plus this suffix.
+_SCALE_SUFFIX = "#scale"
+
+
+def _split_scales(stored: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    scales = {name.removesuffix(_SCALE_SUFFIX): t for name, t in stored.items()
+              if name.endswith(_SCALE_SUFFIX)}
+    tensors = {name: t for name, t in stored.items() if not name.endswith(_SCALE_SUFFIX)}
+    return tensors, scales
+
+
+def _check_quantized(tensors: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
+                     quantization: Quantization, file: Path) -> None:
+    """A cache file holds int8 exactly where the quantization says, with one scale per row."""
+    for name, tensor in tensors.items():
+        want_int8 = quantization == "int8" and is_quantized_weight(name)
+        scale = scales.get(name)
+        if want_int8 != (tensor.dtype == torch.int8) or want_int8 != (scale is not None):
+            raise WeightsError(f"{file}: tensor {name!r} is {tensor.dtype} "
+                               f"{'with' if scale is not None else 'without'} scales, which "
+                               f"quantization {quantization} does not store (delete the file)")
+        if scale is not None and tuple(scale.shape) != (tensor.shape[0],):
+            raise WeightsError(f"{file}: scales of {name!r} have shape {list(scale.shape)}, "
+                               f"expected [{tensor.shape[0]}]")
+
+
+def _read_gguf_cache(entry: Path, weights_file: Path
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     if not weights_file.is_file():
         return None
     meta = gguf_file.read_cached_metadata(entry)
@@ -351,8 +408,10 @@ def _read_gguf_cache(entry: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         return None
 
 
-def _convert_gguf(path: Path, entry: Path, progress: bool) -> LoadedWeights:
-    message = f"ringserve: converting {path.name} to float32 once; cache: {entry}"
+def _convert_gguf(path: Path, entry: Path, weights_file: Path, progress: bool,
+                  quantization: Quantization) -> LoadedWeights:
+    form = "int8" if quantization == "int8" else "float32"
+    message = f"ringserve: converting {path.name} to {form} once; cache: {entry}"
     if progress:
         print(message, file=sys.stderr)
     else:
@@ -367,19 +426,23 @@ def _convert_gguf(path: Path, entry: Path, progress: bool) -> LoadedWeights:
         for source in plan.values():  # fail on an unknown type before converting anything
             gguf_file.check_dequantizable(stored[source.name], path)
         tensors: dict[str, torch.Tensor] = {}
+        scales: dict[str, torch.Tensor] = {}
         for canonical, source in tqdm(plan.items(), desc="dequantizing", unit="tensor",
                                       file=sys.stderr, disable=not progress):
+            # one tensor at a time in fp32: under int8 it is re-quantized before the next
             tensor = torch.from_numpy(gguf_file.dequantize(stored[source.name], path))
             if source.rotary_heads is not None:
                 tensor = interleaved_to_rotate_half(tensor, source.rotary_heads)
-            tensors[canonical] = tensor.contiguous()
+            _store(canonical, tensor, quantization, tensors, scales)
+            del tensor
     except gguf_file.GGUFError as exc:
         raise WeightsError(str(exc)) from exc
+    to_save = {**tensors, **{name + _SCALE_SUFFIX: scale for name, scale in scales.items()}}
     try:
         gguf_file.save_cached_metadata(entry, meta)
         gguf_file.write_atomically(
-            entry / gguf_file.WEIGHTS_FILE,
-            lambda temp: save_file(tensors, str(temp), metadata={"source": str(path)}))
+            weights_file,
+            lambda temp: save_file(to_save, str(temp), metadata={"source": str(path)}))
     except OSError as exc:  # a read-only cache costs speed on the next load, not correctness
         print(f"ringserve: cannot write the GGUF cache in {entry}: {exc}", file=sys.stderr)
-    return LoadedWeights(config=config, tensors=tensors, source=path)
+    return LoadedWeights(config=config, tensors=tensors, source=path, scales=scales)

@@ -134,7 +134,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from model.weights import WeightsError
 
     return (ConfigError, QuantizationError, WeightsError, TokenizerError, EngineRequestError,
-            SamplingParamsError, DefaultModelMissing, FileNotFoundError, PermissionError, IsADirectoryError)
+            SamplingParamsError, DefaultModelMissing, FileNotFoundError, PermissionError,
+            IsADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:

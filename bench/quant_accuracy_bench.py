@@ -11,7 +11,8 @@ Two checks from issue #13, both against the fp32 model built from the same check
 
 Variants (``--variants``): ``int8`` is what ``--quantization int8`` serves (int8 weights and
 int8 activations, fbgemm); ``int8-weights`` runs fp32 matmuls over the int8-rounded weights
-(isolates the weight rounding from the activation rounding).
+(isolates the weight rounding from the activation rounding); ``int8-fp32-head`` is int8 with
+the LM head left in fp32.
 
     python -m bench.quant_accuracy_bench [--tokens 2048] [--window 512] [--threads N]
                                          [--variants int8,int8-weights]
@@ -79,7 +80,7 @@ def greedy_texts(engine, max_tokens: int) -> list[tuple[int, ...]]:
     return [choice.token_ids for choice in engine.run_to_completion(requests)]
 
 
-def _engine(quantization: str, weights_only: bool):
+def _engine(quantization: str, weights_only: bool, fp32_head: bool = False):
     from model.engine import Engine
     from model.engine_args import EngineArgs
     from model.transformer import Transformer
@@ -92,6 +93,14 @@ def _engine(quantization: str, weights_only: bool):
         loaded = load_weights(None, progress=False, quantization="int8")
         engine.model = Transformer.from_tensors(loaded.config, loaded.tensors,
                                                 scales=loaded.scales)
+    if fp32_head:
+        from model.transformer import Projection
+        from model.weights import load_weights
+
+        embed = engine.model.embed_tokens.weight  # the default model ties its head
+        head = Projection(embed.shape[1], embed.shape[0])
+        head.weight_t.data = embed.T.contiguous()
+        engine.model.lm_head = head
     return engine
 
 
@@ -114,9 +123,10 @@ def main() -> None:
     ref_greedy = greedy_texts(reference, args.max_tokens)
     rows = [("fp32", ref_ppl, len(PROMPTS))]
     for variant in args.variants.split(","):
-        if variant not in ("int8", "int8-weights"):
+        if variant not in ("int8", "int8-weights", "int8-fp32-head"):
             raise SystemExit(f"unknown variant {variant!r}")
-        engine = _engine("int8" if variant == "int8" else "none", variant == "int8-weights")
+        engine = _engine("none" if variant == "int8-weights" else "int8",
+                         variant == "int8-weights", variant == "int8-fp32-head")
         ppl = perplexity(engine.model, text_ids, args.window)
         same = sum(a == b for a, b in zip(greedy_texts(engine, args.max_tokens), ref_greedy,
                                           strict=True))

@@ -21,6 +21,7 @@ CPU int8 configs are several times slower than fp32 here, so they are not used.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -120,8 +121,13 @@ class Int8Projection(nn.Module):
         super().__init__()
         out_features, in_features = weight.values.shape
         self.in_features, self.out_features = in_features, out_features
-        qweight = torch._make_per_channel_quantized_tensor(
-            weight.values, weight.scale.double(), torch.zeros(out_features, dtype=torch.long), 0)
+        with warnings.catch_warnings():
+            # torch marks quantized tensor creation deprecated (pytorch#184982); fbgemm's
+            # prepack still takes one, and the packed weight is all that is kept
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
+            qweight = torch._make_per_channel_quantized_tensor(
+                weight.values, weight.scale.double(), torch.zeros(out_features, dtype=torch.long),
+                0)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         self._reduce_range = not _has_vnni()
         # activations are uint8 over [-1, 1] (7-bit with reduce_range): step 1 / half_levels

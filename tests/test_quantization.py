@@ -1,0 +1,215 @@
+"""Int8 weights: kernels against a dequantized fp32 reference, loaders, the GGUF int8 cache,
+and the int8 model's greedy output through the engine across batch compositions.
+
+Tolerances (stated once, derived in model/quantization.py's terms):
+
+* weight rounding: |W - dequantize(quantize_rows(W))| <= scale / 2 per element, scale =
+  max|row| / 127, hence |x @ (W - Wq)^T| <= sum|x| * scale / 2 per output;
+* the int8 kernel against fp32 ``x @ Wq^T`` over the same dequantized weights: activations
+  carry ~16 bits (two 8-bit passes), so the error is below 1e-3 of max|x @ Wq^T| (measured
+  ~5e-5 on the default model's shapes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import gguf_file
+from model.engine import Engine
+from model.engine_args import EngineArgs
+from model.kv_cache import SequenceChunk
+from model.quantization import (
+    Int8Projection,
+    QuantizationError,
+    concat_rows,
+    quantize_rows,
+    resolve_quantization,
+)
+from model.requests import GenerationChunk, GenerationRequest
+from model.sampling_params import SamplingParams
+from model.transformer import Transformer
+from model.weights import load_weights
+from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
+
+KERNEL_TOLERANCE = 1e-3  # of max|reference output|
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(gguf_file.CACHE_ENV, str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("q"), model_type="mistral",
+                                   sliding_window=16, hidden_size=128, intermediate_size=256,
+                                   num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def random_weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    weight[3, 7] = 1.5  # an outlier: its row gets a coarse scale, the others keep theirs
+    weight[5] = 0.0  # an all-zero row
+    return weight
+
+
+def test_quantize_rows_error_within_half_a_step() -> None:
+    weight = random_weight(40, 96, 0)
+    q = quantize_rows(weight)
+    assert q.values.dtype == torch.int8 and q.values.shape == weight.shape
+    assert int(q.values.abs().max()) <= 127 and torch.all(q.scale > 0)
+    torch.testing.assert_close(q.scale, weight.abs().amax(1).clamp_min(1e-30) / 127
+                               * (weight.abs().amax(1) > 0) + (weight.abs().amax(1) == 0))
+    error = (q.dequantize() - weight).abs()
+    assert torch.all(error <= q.scale[:, None] / 2 + 1e-7)
+    assert torch.equal(q.dequantize()[5], torch.zeros(96))
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (96, 64), (64, 1000)])
+@pytest.mark.parametrize("batch", [1, 3, 33])
+def test_int8_projection_matches_dequantized_reference(in_features: int, out_features: int,
+                                                       batch: int) -> None:
+    weight = random_weight(out_features, in_features, batch)
+    q = quantize_rows(weight)
+    proj = Int8Projection(q)
+    gen = torch.Generator().manual_seed(batch + 1)
+    x = torch.randn(batch, in_features, generator=gen)
+    x[0, 2] = 40.0  # an activation outlier (as LLM hidden states have)
+    out = proj(x)
+    assert out.shape == (batch, out_features) and out.dtype == torch.float32
+    reference = x @ q.dequantize().T  # fp32 over the same int8-rounded weights
+    error = (out - reference).abs().max()
+    assert error <= KERNEL_TOLERANCE * reference.abs().max(), float(error)
+    bound = x.abs().sum(1, keepdim=True) * q.scale[None, :] / 2  # weight rounding, worst case
+    assert torch.all((out - x @ weight.T).abs() <= bound + KERNEL_TOLERANCE
+                     * reference.abs().max())
+
+
+def test_int8_projection_rows_do_not_depend_on_the_batch() -> None:
+    q = quantize_rows(random_weight(80, 64, 3))
+    proj = Int8Projection(q)
+    x = torch.randn(9, 64) * torch.logspace(-2, 2, 9)[:, None]  # rows of very different size
+    together = proj(x)
+    for i in range(9):
+        assert torch.equal(proj(x[i:i + 1])[0], together[i])  # bit for bit
+    assert torch.equal(proj(x[2:5]), together[2:5])
+
+
+def test_int8_projection_unpacks_to_its_weight_and_fuses_rows() -> None:
+    parts = [quantize_rows(random_weight(n, 64, n)) for n in (16, 8, 8)]
+    fused = concat_rows(parts)
+    unpacked = Int8Projection(fused).int8_weight()
+    assert torch.equal(unpacked.values, fused.values)
+    torch.testing.assert_close(unpacked.scale, fused.scale)
+    assert torch.equal(fused.values[16:24], parts[1].values)
+
+
+def test_resolve_quantization() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_quantization("none", cpu, torch.float32) == "none"
+    assert resolve_quantization("int8", cpu, torch.float32) == "int8"
+    assert resolve_quantization("auto", cuda, torch.bfloat16) == "none"
+    assert resolve_quantization("auto", cpu, torch.float32) in ("none", "int8")
+    with pytest.raises(QuantizationError, match="CPU"):
+        resolve_quantization("int8", cuda, torch.bfloat16)
+    with pytest.raises(QuantizationError, match="CPU"):
+        resolve_quantization("int8", cpu, torch.bfloat16)
+    with pytest.raises(QuantizationError, match="one of"):
+        resolve_quantization("int4", cpu, torch.float32)
+
+
+def test_int8_weights_load_per_tensor_and_build_the_same_model(checkpoint: Path) -> None:
+    fp32 = load_weights(checkpoint, progress=False)
+    int8 = load_weights(checkpoint, progress=False, quantization="int8")
+    quantized = {n for n, t in int8.tensors.items() if t.dtype == torch.int8}
+    assert quantized == set(int8.scales) and quantized == {
+        n for n in fp32.tensors if n.endswith("proj.weight") or n == "lm_head.weight"}
+    for name in quantized:
+        want = quantize_rows(fp32.tensors[name])
+        assert torch.equal(int8.tensors[name], want.values)
+    assert int8.tensors["embed_tokens.weight"].dtype == torch.float32
+    from_loaded = Transformer.from_tensors(int8.config, int8.tensors, quantization="int8",
+                                           scales=int8.scales)
+    from_fp32 = Transformer.from_tensors(fp32.config, fp32.tensors, quantization="int8")
+    assert isinstance(from_loaded.lm_head, Int8Projection)
+    assert isinstance(from_loaded.layers[0].qkv_proj, Int8Projection)
+    reference = Transformer.from_tensors(fp32.config, fp32.tensors)
+    ids = torch.arange(3, 40)
+    chunk = [SequenceChunk(0, 0, len(ids))]
+    a = from_loaded(ids, chunk, None, all_logits=True)
+    assert torch.equal(a, from_fp32(ids, chunk, None, all_logits=True))
+    ref = reference(ids, chunk, None, all_logits=True)
+    # the whole model: weight rounding of every layer adds up; logits stay within 5% of range
+    assert (a - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (a.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_gguf_int8_cache_written_once_per_tensor_then_used(
+        checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str) -> None:
+    path = make_tiny_gguf(checkpoint, tmp_path / f"tiny-{qtype}.gguf", qtype)
+    fp32 = load_weights(path, progress=False)
+    first = load_weights(path, progress=False, quantization="int8")
+    entry = gguf_file.cache_entry(path)
+    assert (entry / gguf_file.INT8_WEIGHTS_FILE).is_file()
+    for name, scale in first.scales.items():  # int8 of the dequantized GGUF tensor
+        want = quantize_rows(fp32.tensors[name])
+        assert torch.equal(first.tensors[name], want.values)
+        torch.testing.assert_close(scale, want.scale)
+
+    def no_reader(path: Path) -> None:
+        raise AssertionError("the GGUF file was opened despite the int8 cache")
+
+    monkeypatch.setattr(gguf_file, "open_gguf", no_reader)
+    second = load_weights(path, progress=False, quantization="int8")
+    assert sorted(second.tensors) == sorted(first.tensors)
+    for name, tensor in first.tensors.items():
+        assert torch.equal(second.tensors[name], tensor)
+    assert sorted(second.scales) == sorted(first.scales)
+    assert load_weights(path, progress=False).tensors.keys() == fp32.tensors.keys()
+
+
+@pytest.fixture(scope="module")
+def int8_engine(checkpoint: Path) -> Engine:
+    return Engine.from_args(EngineArgs(model=str(checkpoint), max_model_len=256,
+                                       max_num_seqs=8, max_num_batched_tokens=48,
+                                       prefill_chunk=20, progress=False, quantization="int8"))
+
+
+def test_int8_engine_greedy_output_stable_across_batch_compositions(int8_engine: Engine
+                                                                    ) -> None:
+    assert isinstance(int8_engine.model.layers[0].down_proj, Int8Projection)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [tuple(torch.randint(3, 32000, (n,), generator=gen).tolist())
+               for n in (5, 37, 12, 60, 1, 25)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    def requests(tag: str) -> list[GenerationRequest]:
+        return [GenerationRequest(f"{tag}{i}", p, params) for i, p in enumerate(prompts)]
+
+    alone = [int8_engine.run_to_completion([r])[0].token_ids for r in requests("a")]
+    together = [c.token_ids for c in int8_engine.run_to_completion(requests("b"))]
+    assert together == alone
+    # staggered: later requests join while earlier ones decode (mixed prefill + decode steps)
+    staggered: dict[str, tuple[int, ...]] = {}
+    pending = requests("c")
+    int8_engine.add(pending.pop(0))
+    while int8_engine.has_work or pending:
+        if pending:
+            int8_engine.add(pending.pop(0))
+        for out in int8_engine.step():
+            assert isinstance(out, GenerationChunk), out
+            staggered[out.request_id] = staggered.get(out.request_id, ()) + out.token_ids
+    assert [staggered[f"c{i}"] for i in range(len(prompts))] == alone
+
+
+def test_int8_refused_on_a_dtype_it_cannot_run(checkpoint: Path) -> None:
+    with pytest.raises(QuantizationError, match="float32"):
+        Engine.from_args(EngineArgs(model=str(checkpoint), dtype="bfloat16",
+                                    quantization="int8", progress=False))

@@ -105,6 +105,7 @@ def build_workload(num_requests: int, prompt_len: tuple[int, int], output_len: t
 class RequestResult:
     """What the client saw of one request."""
 
+    max_tokens: int = 0  # what the request asked for
     status: int | None = None  # HTTP status; None when no response came (connection error)
     error: str | None = None
     ttft_s: float | None = None
@@ -157,7 +158,7 @@ def _chunk_tokens(event: dict[str, Any]) -> int:
 async def send_one(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                    timeout_s: float) -> RequestResult:
     """Stream one request, timing its first token, every later chunk and its end."""
-    result = RequestResult()
+    result = RequestResult(max_tokens=int(body["max_tokens"]))
     started = time.perf_counter()
     try:
         await asyncio.wait_for(_stream(client, url, body, result, started), timeout_s)
@@ -533,13 +534,16 @@ def run(args: argparse.Namespace) -> int:
         if args.peer_cmd:
             peer = PeerProcess(args.peer_cmd, args.peer_url.rstrip("/"), args.peer_start_timeout)
             targets.append((peer.url, probe_model(peer.url, args.model)))
+        labels: list[str] = []
         for url, model in targets:
+            label = url if url not in labels else f"{url} #{labels.count(url) + 1}"
+            labels.append(url)
             for point in points:
                 results, wall = asyncio.run(run_load(
                     url, model, args.endpoint, items, point, not args.no_ignore_eos,
                     args.timeout_s, args.duration_s, not args.no_progress,
                     f"{url} {point.label()}"))
-                row = {"server": url, "model": model, "load": point.label(),
+                row = {"server": label, "url": url, "model": model, "load": point.label(),
                        "concurrency": point.concurrency, "request_rate": point.request_rate,
                        **summarize(results, wall, slo),
                        "requests": [asdict(r) for r in results]}

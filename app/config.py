@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from app.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, EdgeLimits
 from model.engine_args import DEFAULT_QUANTIZATION, EngineArgs
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask; the whole node outside containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class AutoscalingSettings(BaseModel):
@@ -82,8 +92,8 @@ class AppConfig(BaseModel):
         0.5, gt=0, description="CPUs reserved per LLM replica (fractions are fine)."
     )
     replica_torch_threads: int | None = Field(
-        None, ge=1, description="torch threads per LLM replica; default Ray's OMP_NUM_THREADS "
-        "(the replica's whole CPUs, at least 1).",
+        None, ge=1, description="torch threads per LLM replica on CPU; default the node's cores "
+        "the router does not need, split between the replicas (see `replica_threads`).",
     )
     router_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per router replica.")
     router_replicas: int = Field(1, ge=1, description="Router (HTTP ingress) replicas.")
@@ -101,7 +111,8 @@ class AppConfig(BaseModel):
         0.2, gt=0, description="How often the router polls each replica's load."
     )
     max_queue_wait_s: float = Field(
-        10.0, gt=0, description="Shed (429) when a request's predicted queue wait exceeds this."
+        60.0, gt=0, description="Shed (429) when a request's predicted queue wait exceeds this "
+        "(60 s queues a closed-loop client at concurrency 16 on a 2-core box; see README)."
     )
     max_waiting_per_replica: int | None = Field(
         None, ge=0, description="Shed (429) when every replica has this many queued sequences; "
@@ -184,6 +195,20 @@ class AppConfig(BaseModel):
                           max_header_bytes=self.max_header_bytes,
                           api_keys=self.accepted_keys(),
                           max_concurrent_per_key=self.max_concurrent_per_key)
+
+    def replica_threads(self, cpus: int) -> int:
+        """torch threads per CPU replica on a node of ``cpus`` cores.
+
+        ``replica_torch_threads`` when set; else the cores left after the router's whole
+        reserved CPUs (0.25 each by default: the router mostly waits on sockets, so none),
+        split evenly between the replicas (``autoscaling.max_replicas`` when autoscaling),
+        at least 1. A 2-core box with one replica: 2; with two replicas: 1 each.
+        """
+        if self.replica_torch_threads is not None:
+            return self.replica_torch_threads
+        replicas = self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
+        router_cores = math.floor(self.router_num_cpus * self.router_replicas)
+        return max(1, (cpus - router_cores) // max(1, replicas))
 
     def engine_args(self) -> EngineArgs:
         """The engine settings each LLM replica builds its engine from."""

@@ -9,6 +9,7 @@ are built inside the LLM replicas, the tokenizer inside the router replicas.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -18,7 +19,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-from app.config import AppConfig
+from app.config import AppConfig, available_cpus
 from app.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV, proxy_env
 from app.llm_server import EngineLike, LLMServer
 from app.replica_router import TargetedRequestRouter
@@ -33,11 +34,18 @@ LLM_MAX_ONGOING = 1024  # batch calls + polls per replica; the router does the r
 ROUTER_MAX_ONGOING = 4096
 
 
-def build_engine(args: EngineArgs) -> EngineLike:
+def build_engine(args: EngineArgs, app_config: AppConfig | None = None) -> EngineLike:
     """Runs inside an LLM replica: load weights and tokenizer, then warm the engine up so its
-    first load report carries measured rates (admission predicts queue waits from them)."""
-    from model.engine import Engine
+    first load report carries measured rates (admission predicts queue waits from them).
 
+    On CPU the torch threads default to the replica's share of the node's cores
+    (:meth:`AppConfig.replica_threads`), not Ray's ``OMP_NUM_THREADS`` (1 for 0.5 CPUs)."""
+    from model.engine import Engine, resolve_device
+
+    if (app_config is not None and args.torch_threads is None
+            and resolve_device(args.device).type == "cpu"):
+        args = dataclasses.replace(args, torch_threads=app_config.replica_threads(
+            available_cpus()))
     engine = Engine.from_args(args)
     engine.warm_up()
     return engine
@@ -133,7 +141,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         ray_actor_options={"num_cpus": config.router_num_cpus},
         max_ongoing_requests=ROUTER_MAX_ONGOING,
     )
-    engine_factory = functools.partial(build_engine, config.engine_args())
+    engine_factory = functools.partial(build_engine, config.engine_args(), config)
     server = llm.bind(engine_factory, None, config.graceful_shutdown_timeout_s)
     return router.bind(server, config.model_dump())
 

@@ -156,6 +156,25 @@ def check_app_args(values: dict[str, Any]) -> None:
         raise ServeCliError(f"bad app arg {where}: {first['msg']}") from None
 
 
+def thread_split(launch: Launch) -> str:
+    """The torch threads each CPU replica will use on this machine (printed at start)."""
+    from app.config import AppConfig, available_cpus
+
+    values: dict[str, Any] = dict(launch.app_args)
+    for application in (launch.config or {}).get("applications") or []:
+        if isinstance(application, dict) and application.get("import_path") == \
+                "app.main:build_app":
+            values = dict(application.get("args") or {})
+    config = AppConfig.model_validate(values)
+    cpus = available_cpus()
+    replicas = config.autoscaling.max_replicas if config.autoscaling else config.num_replicas
+    threads = config.replica_threads(cpus)
+    how = "replica_torch_threads" if config.replica_torch_threads else (
+        f"{cpus} cores, router {config.router_num_cpus * config.router_replicas:g} CPU")
+    return (f"{replicas} LLM replica(s) x {threads} torch thread(s) each on CPU ({how}; "
+            "set replica_torch_threads=N to change)")
+
+
 def serve_command(launch: Launch, host: str, port: int, tmp: Path) -> list[str]:
     """``serve run`` for the app args or the config file, its HTTP proxy at host:port."""
     if launch.config is not None:
@@ -260,6 +279,7 @@ def _serve(args: argparse.Namespace) -> int:
     # --monitoring: Prometheus's port is checked now too; it is served once Ray is up
     prom_listener = (bind_listener(launch.host, args.prometheus_port) if args.monitoring
                      else None)
+    _log(thread_split(launch))
     if isolate == "none":
         assert listener is not None
         listener.close()

@@ -52,8 +52,16 @@ def is_quantized_weight(canonical_name: str) -> bool:
     return canonical_name == "lm_head.weight" or canonical_name.endswith(_PROJECTION_SUFFIXES)
 
 
+# Whether int8 meets issue #13's accuracy goals on the default model, as measured by
+# bench/quant_accuracy_bench.py (perplexity within 1.5% of fp32 AND >= 16 of 20 greedy
+# 32-token continuations identical). Last run (2026-12-02): perplexity +0.39% (met), greedy
+# 6 of 20 identical (missed), so 'auto' stays unquantized on CPU until a run meets both.
+INT8_MEETS_ACCURACY_GOALS = False
+
+
 def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) -> Quantization:
-    """'auto' is int8 on CPU with fp32 activations, none elsewhere (CUDA runs bf16 unquantized).
+    """'auto' is int8 on CPU with fp32 activations when int8 meets the accuracy goals
+    (:data:`INT8_MEETS_ACCURACY_GOALS`), none otherwise; on CUDA it is none (bf16 unquantized).
 
     'int8' is CPU-only (fbgemm) and needs fp32 activations; anything else is a clear error.
     """
@@ -62,7 +70,7 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) ->
                                 f", got {name!r}")
     cpu_fp32 = device.type == "cpu" and dtype == torch.float32
     if name == "auto":
-        return "int8" if cpu_fp32 else "none"
+        return "int8" if cpu_fp32 and INT8_MEETS_ACCURACY_GOALS else "none"
     if name == "int8" and not cpu_fp32:
         raise QuantizationError(
             f"quantization int8 runs on CPU with float32 activations (fbgemm kernels); got "

@@ -215,3 +215,31 @@ def test_int8_refused_on_a_dtype_it_cannot_run(checkpoint: Path) -> None:
     with pytest.raises(QuantizationError, match="float32"):
         Engine.from_args(EngineArgs(model=str(checkpoint), dtype="bfloat16",
                                     quantization="int8", progress=False))
+
+
+def test_quantization_knob_reaches_the_engine_from_cli_and_config(checkpoint: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+
+    from app.config import AppConfig
+
+    assert AppConfig(quantization="int8").engine_args().quantization == "int8"
+    assert AppConfig().engine_args().quantization == EngineArgs().quantization
+    with pytest.raises(ValidationError):
+        AppConfig(quantization="int4")
+
+    def generate(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "generate", "--model",
+                               str(checkpoint), "--prompt", "Hello there", "--max-tokens", "6",
+                               "--json", "--quiet", *extra], capture_output=True, text=True,
+                              timeout=300)
+
+    ok = generate("--quantization", "int8")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["token_ids"]) >= 1
+    bad = generate("--quantization", "int8", "--dtype", "bfloat16")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("ringserve: error: quantization int8")

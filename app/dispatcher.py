@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 5.0  # stats polls and aborts; a replica that can't answer is unreachable
 DEADLINE_GRACE_S = 2.0  # the replica enforces deadlines; the router only backs it up
+# A queued request whose replica died waits at most this long for a healthy one (Serve
+# restarts a killed replica in about 10-30 s) before it fails with 503.
+REPLACE_WAIT_S = 30.0
 
 
 class ReplicaClient(Protocol):
@@ -68,6 +71,7 @@ class Ticket:
     got_token: bool = False  # a generated token arrived
     closed: bool = False  # finished, failed or cancelled
     finished_choices: int = 0
+    replaced: int = 0  # times it was placed again after its replica died before it started
     seq_tokens: list[int] = field(default_factory=list)
 
     @property
@@ -129,8 +133,11 @@ class Dispatcher:
             self._poll_lock = asyncio.Lock()
         async with self._poll_lock:
             ids = self._client.replica_ids()
+            if ids is not None:
+                self.board.set_replicas(ids)  # [] once every replica is gone: none healthy
             if not ids:
-                # The handle learns the replica set on first use: one untargeted poll.
+                # The handle learns the replica set on first use (or after all replicas
+                # died, once Serve has started one again): one untargeted poll.
                 await self._poll_one(None)
                 ids = self._client.replica_ids() or self.board.replica_ids
             self.board.set_replicas(ids)
@@ -145,7 +152,7 @@ class Dispatcher:
             if replica_id is not None:
                 self.board.unreachable(replica_id)
             return
-        self.board.report(snap, sent_at)
+        self.board.report(snap, sent_at, target=replica_id)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until some replica has reported healthy (True) or the timeout passes (False)."""
@@ -242,19 +249,53 @@ class Dispatcher:
                     break
         except Exception as exc:  # noqa: BLE001 - a dead replica fails its open requests
             logger.warning("batch stream from %s failed: %r", replica_id, exc)
-            for rid in open_ids:
-                ticket = tickets[rid]
-                if not ticket.closed:
-                    ticket.queue.put_nowait(ItemError(rid, 503, f"LLM replica failed: {exc}"))
-                    self._close(ticket)
+            self.board.unreachable(replica_id)  # until it answers a poll again
+            self._replica_lost(tickets, open_ids, f"LLM replica failed: {exc}")
         finally:
             with contextlib.suppress(Exception):
                 await _aclose(stream)
-            for rid in open_ids:
-                if not tickets[rid].closed:
-                    tickets[rid].queue.put_nowait(
-                        ItemError(rid, 503, "LLM replica ended the stream early"))
-                    self._close(tickets[rid])
+            self._replica_lost(tickets, open_ids, "LLM replica ended the stream early")
+
+    def _replica_lost(self, tickets: dict[str, Ticket], open_ids: set[str], message: str
+                      ) -> None:
+        """The batch stream broke: a request that has started (its client may have seen
+        tokens) fails with 503; one still queued there is placed on another replica."""
+        for rid in sorted(open_ids):
+            ticket = tickets[rid]
+            if ticket.closed:
+                continue
+            if ticket.started or self.closing:
+                ticket.queue.put_nowait(ItemError(rid, 503, message))
+                self._close(ticket)
+            else:
+                ticket.sent = False
+                task = spawn(self._place_again(ticket, message))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        open_ids.clear()
+
+    async def _place_again(self, ticket: Ticket, message: str) -> None:
+        """Re-admit a queued request whose replica died (never shed: it was accepted), waiting
+        for a healthy replica until its deadline or ``REPLACE_WAIT_S``."""
+        limit = REPLACE_WAIT_S
+        if ticket.deadline is not None:
+            limit = min(limit, ticket.deadline - time.monotonic())
+        if not self.board.healthy_ids():
+            await self.wait_ready(max(0.0, limit))
+        if ticket.closed:
+            return  # its client left meanwhile
+        decision = self.board.admit(ticket.request_id, len(ticket.request.prompt_token_ids),
+                                    ticket.request.params.n, force=True)
+        if not isinstance(decision, Accepted):
+            ticket.queue.put_nowait(ItemError(ticket.request_id, 503, f"{message}; no other "
+                                              "healthy LLM replica took the request"))
+            self._close(ticket)
+            return
+        logger.info("request %s moves from %s to %s", ticket.request_id, ticket.replica_id,
+                    decision.replica_id)
+        ticket.replica_id = decision.replica_id
+        ticket.replaced += 1
+        self._batcher.add(decision.replica_id, ticket)
 
     def _route(self, event: Event, tickets: dict[str, Ticket], open_ids: set[str]) -> None:
         if isinstance(event, Routed):

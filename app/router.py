@@ -90,7 +90,8 @@ class Router:
         self.metrics = RouterMetrics(model_name_for(self.config.model))
         limits = AdmissionLimits(max_queue_wait_s=self.config.max_queue_wait_s,
                                  max_waiting=self.config.max_waiting_per_replica,
-                                 default_tokens_per_s=self.config.default_tokens_per_s)
+                                 default_tokens_per_s=self.config.default_tokens_per_s,
+                                 max_report_age_s=self.config.health_check_period_s)
         self.dispatcher = Dispatcher(
             self.client, LoadBoard(limits), batch_window_s=self.config.batch_window_ms / 1000,
             max_batch=self.config.max_batch_size, stats_interval_s=self.config.stats_interval_s,

@@ -1,0 +1,147 @@
+"""Real Ray Serve in a private network namespace, for integration tests that own an instance.
+
+``serve_in_netns(prefix, args, port, replicas)`` makes a network namespace (root only; the
+caller skips otherwise), moves this thread into it, starts ``serve run app.main:build_app
+ARGS`` there and yields once ``/health`` reports ``replicas`` healthy LLM replicas. Teardown
+stops Serve, kills whatever is left in the namespace (all ours) and deletes it. Ray binds
+ports on all interfaces; inside the namespace only loopback exists.
+
+The helpers find Serve's processes inside that namespace only: by process title
+(:func:`serve_process`) or, for one LLM replica, by its Serve replica id through Ray's state
+API on the namespace's dashboard (:func:`replica_pid`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+CLONE_NEWNET = 0x40000000
+BIN = Path(sys.executable).parent
+DASHBOARD = "http://127.0.0.1:8265"
+
+
+def can_make_netns() -> bool:
+    return os.geteuid() == 0 and (Path("/usr/sbin/ip").exists() or Path("/sbin/ip").exists())
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns failed")
+
+
+def ns_pids(name: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
+                         timeout=10).stdout
+    return [int(p) for p in out.split()]
+
+
+class ServeInstance:
+    """A running Serve app: its base URL, namespace and log."""
+
+    def __init__(self, netns: str, base: str, log: Path) -> None:
+        self.netns = netns
+        self.base = base
+        self.log = log
+
+    def processes(self, role: str) -> list[int]:
+        """Pids of this namespace's processes whose command line names ``role``."""
+        found = []
+        for pid in ns_pids(self.netns):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if role in title:
+                found.append(pid)
+        return found
+
+    def serve_process(self, role: str) -> int:
+        found = self.processes(role)
+        assert len(found) == 1, (role, found)
+        return found[0]
+
+    def replica_pid(self, replica_id: str) -> int:
+        """Pid of the live Serve replica whose unique id is ``replica_id`` (Ray's state API)."""
+        r = httpx.get(f"{DASHBOARD}/api/v0/actors", params={"detail": "true", "limit": "1000"},
+                      timeout=30)
+        r.raise_for_status()
+        actors = r.json()["data"]["result"]["result"]
+        for actor in actors:
+            name = actor.get("name") or ""
+            if actor.get("state") == "ALIVE" and name.endswith(f"#{replica_id}"):
+                return int(actor["pid"])
+        raise AssertionError(f"no live actor for replica {replica_id}: "
+                             f"{[a.get('name') for a in actors]}")
+
+
+@contextmanager
+def serve_in_netns(prefix: str, args: Sequence[str], port: int, replicas: int,
+                   start_timeout_s: float = 300) -> Iterator[ServeInstance]:
+    name = f"{prefix}{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    proc: subprocess.Popen[bytes] | None = None
+    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    log_path = Path(tmp) / "serve.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in teardown
+    base = f"http://127.0.0.1:{port}"
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True, timeout=10)
+        ns_fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+        _setns(ns_fd)
+        os.close(ns_fd)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=tmp)
+        proc = subprocess.Popen(
+            [str(BIN / "serve"), "run", "app.main:build_app", *args, f"port={port}",
+             "host=127.0.0.1"], cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "Serve did not become healthy"
+            try:
+                r = httpx.get(f"{base}/health", timeout=5)
+                if r.status_code == 200 and r.json()["healthy_replicas"] == replicas:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        yield ServeInstance(name, base, log_path)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        _setns(original)  # first: this process must not count as one in the namespace
+        os.close(original)
+        for _ in range(20):  # Ray daemons left in the namespace are ours
+            pids = [p for p in ns_pids(name) if p != os.getpid()]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        log.close()
+        subprocess.run(["ip", "netns", "del", name], timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)

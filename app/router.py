@@ -483,9 +483,35 @@ class Router:
                 for ticket in tickets:
                     self.dispatcher.cancel(ticket)
 
+        def cancel_all() -> None:
+            for ticket in tickets:
+                self.dispatcher.cancel(ticket)
+
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                    REPLICA_HEADER: _replicas(tickets)}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        return _TicketStream(body(), on_close=cancel_all, media_type="text/event-stream",
+                             headers=headers)
+
+
+class _TicketStream(StreamingResponse):
+    """A streamed answer that cancels its tickets however the response ends.
+
+    The body generator's own ``finally`` does not run when the response is cancelled while
+    it waits in ``send`` rather than inside the generator (Starlette's disconnect handling,
+    or an HTTP middleware's stream between the app and the server): the generator is then
+    left suspended, and its request would run on to the end with no one reading.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 ROUTES = frozenset({"/health", "/load", "/v1/models", "/v1/completions",

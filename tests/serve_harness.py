@@ -7,8 +7,7 @@ stops Serve, kills whatever is left in the namespace (all ours) and deletes it. 
 ports on all interfaces; inside the namespace only loopback exists.
 
 The helpers find Serve's processes inside that namespace only: by process title
-(:func:`serve_process`) or, for one LLM replica, by its Serve replica id through Ray's state
-API on the namespace's dashboard (:func:`replica_pid`).
+(:func:`serve_process`) or, for one replica, by its Serve replica id (:func:`replica_pid`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import httpx
 
 CLONE_NEWNET = 0x40000000
 BIN = Path(sys.executable).parent
-DASHBOARD = "http://127.0.0.1:8265"
 
 
 def can_make_netns() -> bool:
@@ -73,18 +71,19 @@ class ServeInstance:
         assert len(found) == 1, (role, found)
         return found[0]
 
-    def replica_pid(self, replica_id: str) -> int:
-        """Pid of the live Serve replica whose unique id is ``replica_id`` (Ray's state API)."""
-        r = httpx.get(f"{DASHBOARD}/api/v0/actors", params={"detail": "true", "limit": "1000"},
-                      timeout=30)
-        r.raise_for_status()
-        actors = r.json()["data"]["result"]["result"]
-        for actor in actors:
-            name = actor.get("name") or ""
-            if actor.get("state") == "ALIVE" and name.endswith(f"#{replica_id}"):
-                return int(actor["pid"])
-        raise AssertionError(f"no live actor for replica {replica_id}: "
-                             f"{[a.get('name') for a in actors]}")
+    def replica_pid(self, replica_id: str, role: str = "ServeReplica:default:LLMServer"
+                    ) -> int:
+        """Pid of the Serve replica whose unique id is ``replica_id``: the one process of
+        ``role`` that holds its own log file (``replica_<app>_<deployment>_<id>.log``) open."""
+        for pid in self.processes(role):
+            fd_dir = Path(f"/proc/{pid}/fd")
+            try:
+                targets = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+            except OSError:
+                continue
+            if any(t.endswith(f"_{replica_id}.log") for t in targets):
+                return pid
+        raise AssertionError(f"no {role} process holds the log of replica {replica_id}")
 
 
 @contextmanager

@@ -55,6 +55,25 @@ class RequestFailed(Exception):
 
 _END = object()
 
+OUTCOMES = ("completed", "cancelled", "errored", "deadline")
+
+
+@dataclass
+class Tally:
+    """How the requests this router accepted ended. Invariant (tests/test_app_faults.py):
+    accepted == completed + cancelled + errored + deadline + in flight."""
+
+    accepted: int = 0
+    completed: int = 0  # every choice finished (stop or length)
+    cancelled: int = 0  # its client left (disconnect, stall) before the end
+    errored: int = 0  # its replica failed, or a choice ended with ``error``
+    deadline: int = 0  # still queued at its own deadline (504)
+    replaced: int = 0  # placed again after its replica died before it started (not an end)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"accepted": self.accepted, **{k: getattr(self, k) for k in OUTCOMES},
+                "replaced": self.replaced}
+
 
 @dataclass(eq=False)
 class Ticket:
@@ -72,6 +91,8 @@ class Ticket:
     closed: bool = False  # finished, failed or cancelled
     finished_choices: int = 0
     replaced: int = 0  # times it was placed again after its replica died before it started
+    timed_out: bool = False  # the router's backup deadline fired while it was queued
+    failed: bool = False  # an error event or a choice that ended with ``error``
     seq_tokens: list[int] = field(default_factory=list)
 
     @property
@@ -87,6 +108,7 @@ class Ticket:
             try:
                 item = await asyncio.wait_for(self.queue.get(), timeout)
             except asyncio.TimeoutError:
+                self.timed_out = True
                 raise RequestFailed(504, "the request was still queued at its deadline") from None
             if item is _END:
                 return
@@ -112,6 +134,7 @@ class Dispatcher:
         self._poll_task: asyncio.Task[None] | None = None
         self._poll_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.tally = Tally()
         self.closing = False
 
     # Load polling ---------------------------------------------------------------------
@@ -194,6 +217,7 @@ class Dispatcher:
             self._metrics.admitted(decision.predicted_wait_s)
         deadline = arrival + deadline_s if deadline_s is not None else None
         ticket = Ticket(request, decision.replica_id, arrival, deadline, stream)
+        self.tally.accepted += 1
         self._tickets[request.request_id] = ticket
         self._batcher.add(decision.replica_id, ticket)
         return ticket
@@ -202,7 +226,7 @@ class Dispatcher:
         """The client left: drop the request from its batch, or abort it on its replica."""
         if ticket.closed:
             return
-        self._close(ticket)
+        self._close(ticket, "deadline" if ticket.timed_out else "cancelled")
         if self._metrics:
             self._metrics.cancelled()
         if self._batcher.discard(ticket.replica_id, ticket):
@@ -218,8 +242,9 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - the stream's close aborts it anyway
             logger.warning("abort of %s failed: %r", ticket.request_id, exc)
 
-    def _close(self, ticket: Ticket) -> None:
+    def _close(self, ticket: Ticket, outcome: str) -> None:
         ticket.closed = True
+        setattr(self.tally, outcome, getattr(self.tally, outcome) + 1)
         self._tickets.pop(ticket.request_id, None)
         self.board.finished(ticket.request_id, ticket.seq_tokens)
         ticket.queue.put_nowait(_END)
@@ -266,7 +291,7 @@ class Dispatcher:
                 continue
             if ticket.started or self.closing:
                 ticket.queue.put_nowait(ItemError(rid, 503, message))
-                self._close(ticket)
+                self._close(ticket, "errored")
             else:
                 ticket.sent = False
                 task = spawn(self._place_again(ticket, message))
@@ -289,12 +314,13 @@ class Dispatcher:
         if not isinstance(decision, Accepted):
             ticket.queue.put_nowait(ItemError(ticket.request_id, 503, f"{message}; no other "
                                               "healthy LLM replica took the request"))
-            self._close(ticket)
+            self._close(ticket, "errored")
             return
         logger.info("request %s moves from %s to %s", ticket.request_id, ticket.replica_id,
                     decision.replica_id)
         ticket.replica_id = decision.replica_id
         ticket.replaced += 1
+        self.tally.replaced += 1
         self._batcher.add(decision.replica_id, ticket)
 
     def _route(self, event: Event, tickets: dict[str, Ticket], open_ids: set[str]) -> None:
@@ -312,13 +338,14 @@ class Dispatcher:
         ticket.started = True
         ticket.queue.put_nowait(event)
         if isinstance(event, ItemError):
-            self._close(ticket)
+            self._close(ticket, "deadline" if event.status == 504 else "errored")
             return
         if event.finish_reason is not None:
             ticket.finished_choices += 1
+            ticket.failed = ticket.failed or event.finish_reason == "error"
             ticket.seq_tokens.append(event.prompt_tokens + event.completion_tokens)
             if ticket.finished_choices >= ticket.request.params.n:
-                self._close(ticket)
+                self._close(ticket, "errored" if ticket.failed else "completed")
 
     def _record(self, ticket: Ticket, event: ItemError | GenerationChunk) -> None:
         """Router-side latency figures: first event, first token, last token."""

@@ -175,7 +175,8 @@ class Router:
                                  "prefill_tokens_per_s": est.prefill_rate,
                                  "predicted_wait_s": board.predicted_wait(est)})
             return JSONResponse({"replicas": replicas,
-                                 "in_flight": self.dispatcher.in_flight()})
+                                 "in_flight": self.dispatcher.in_flight(),
+                                 "requests": self.dispatcher.tally.as_dict()})
 
         @app.post("/v1/completions", response_model=None)
         async def completions(body: CompletionRequest, response: Response

@@ -370,3 +370,45 @@ def test_stall_timeout_knob_reaches_the_proxy(monkeypatch: Any) -> None:
         is None
     assert AppConfig().edge_limits().stall_timeout_s == 60.0
     assert EdgeGuard(lambda *a: None, EdgeLimits()).limits.stall_timeout_s == 60.0
+
+
+# Counters -------------------------------------------------------------------------------
+
+
+def test_request_counters_add_up_through_every_way_a_request_ends(tokenizer: Any) -> None:
+    """Completed, cancelled (client left), deadline (504 while queued) and errored (replica
+    died mid-stream) requests: /load's counters account for every accepted one."""
+    client = killable(2, total_slots=1, step_s=0.01)
+    router = make_router(client, tokenizer, max_waiting_per_replica=8, max_queue_wait_s=60)
+
+    async def main() -> dict[str, Any]:
+        await router.dispatcher.wait_ready(5)
+        transport = httpx.ASGITransport(app=router.http_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            done = [await http.post("/v1/completions", json=completion(max_tokens=2))
+                    for _ in range(3)]
+            assert all(r.status_code == 200 for r in done)
+            long = [asyncio.create_task(stream_events(http, completion(max_tokens=100)))
+                    for _ in range(2)]  # one per replica, both slots busy
+            await asyncio.sleep(0.3)
+            late = await http.post("/v1/completions",
+                                   json=completion(max_tokens=2, deadline_s=0.1))
+            assert late.status_code == 504, late.text
+            left = asyncio.create_task(http.post("/v1/completions", json=completion()))
+            await asyncio.sleep(0.1)
+            left.cancel()  # its client goes away while it waits
+            client.kill("r0")
+            results = await asyncio.gather(*long)
+            assert sum(1 for _, events, _ in results if "error" in events[-1]) == 1
+            await asyncio.sleep(0.2)
+            return (await http.get("/load")).json()
+
+    load = asyncio.run(main())
+    tally = load["requests"]
+    print(tally)
+    assert load["in_flight"] == 0
+    assert tally["accepted"] == 3 + 2 + 1 + 1
+    assert (tally["completed"], tally["cancelled"], tally["errored"], tally["deadline"]) == (
+        3 + 1, 1, 1, 1)
+    assert tally["accepted"] == sum(tally[k] for k in ("completed", "cancelled", "errored",
+                                                       "deadline"))

@@ -6,11 +6,12 @@ serves the whole module; the tests run in file order and the destructive ones co
 1. 3x sustained overload (open loop): every request is answered 200, 429 with a computed
    Retry-After, or 504 past its own deadline; accepted streams start within max_queue_wait_s
    plus one prefill; a client that honours Retry-After is served. ``soak`` marker: 60 s.
-2. SIGKILL one of two LLM replicas while it streams and queues: only its streams that had
+2. A client that stops reading is disconnected after stream_stall_timeout_s, its slot freed.
+3. SIGKILL one of two LLM replicas while it streams and queues: only its streams that had
    started fail (an error event, promptly); its queued requests complete on the other.
-3. SIGKILL both: /health turns 503 (OpenAI error shape) within one health-check period, and
+4. SIGKILL both: /health turns 503 (OpenAI error shape) within one health-check period, and
    back to 200 once Serve has restarted them; new requests then succeed.
-4. SIGKILL the router replica: new requests succeed once Serve has restarted it.
+5. SIGKILL the router replica: new requests succeed once Serve has restarted it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,10 +40,12 @@ SLOTS, QUEUE, REPLICAS = 4, 4, 2
 HEALTH_PERIOD_S = 2.0
 MAX_QUEUE_WAIT_S = 3.0
 PROMPT = "The capital of France is"
+STALL_S = 2.0
 SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_len=512",
                f"max_waiting_per_replica={QUEUE}", f"health_check_period_s={HEALTH_PERIOD_S}",
                f"max_queue_wait_s={MAX_QUEUE_WAIT_S}", "batch_window_ms=5",
-               "replica_num_cpus=0.5", "router_num_cpus=0.25"]
+               "replica_num_cpus=0.5", "router_num_cpus=0.25",
+               f"stream_stall_timeout_s={STALL_S}"]
 OVERLOAD_S = float(os.environ.get("RINGSERVE_OVERLOAD_S", "15"))
 SOAK_OVERLOAD_S = 60.0
 
@@ -212,6 +216,63 @@ def test_3x_overload_every_request_is_answered(serve: ServeInstance) -> None:
 @pytest.mark.soak
 def test_3x_overload_for_60s(serve: ServeInstance) -> None:
     _check_overload(serve, SOAK_OVERLOAD_S)
+
+
+# Stalled client ------------------------------------------------------------------------
+
+
+def test_a_stalled_client_is_disconnected_and_its_slot_freed(serve: ServeInstance) -> None:
+    """A client reads the headers and one event of a long, fat stream (top_logprobs=20: ~2 KB
+    per token), then stops reading with a 4 KB receive buffer. Once every buffer on the way is
+    full, the proxy sees no progress for stream_stall_timeout_s: the request is cancelled (its
+    slot frees long before 480 tokens) and the connection closed without [DONE]."""
+    body = json.dumps({"model": MODEL, "max_tokens": 480, "ignore_eos": True, "stream": True,
+                       "logprobs": True, "top_logprobs": 20,
+                       "messages": [{"role": "user", "content": "Tell me a long story."}]})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               f"{body}").encode()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(60)
+    sock.connect(("127.0.0.1", PORT))
+    try:
+        sock.sendall(request)
+        head = b""
+        while b"data: " not in head:
+            head += sock.recv(1024)
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        began = time.monotonic()
+        running = 0
+        while True:  # the client reads nothing more
+            running = sum(r["running_sequences"] for r in httpx.get(
+                f"{serve.base}/load", timeout=10).json()["replicas"])
+            if running == 0:
+                break
+            assert time.monotonic() - began < 120, "the stalled stream was never cancelled"
+            time.sleep(0.2)
+        freed_after = time.monotonic() - began
+        rest = b""
+        sock.settimeout(30)
+        while True:  # what was buffered on the way, then the server's close
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            rest += piece
+    finally:
+        sock.close()
+    events = (head + rest).count(b"data: ")
+    print(f"\nstalled client: slot free {freed_after:.1f}s after it stopped reading "
+          f"(stall timeout {STALL_S:g}s); it had been sent {events} of 480 events")
+    assert b"[DONE]" not in rest, "the stream ran to its end: it was never cancelled"
+    assert events < 480
+    _answers(serve.base)
+
+
+def _answers(base: str) -> None:
+    r = httpx.post(f"{base}/v1/completions", timeout=60,
+                   json={"model": MODEL, "prompt": PROMPT, "max_tokens": 4})
+    assert r.status_code == 200, r.text
 
 
 # 2-4. Faults ----------------------------------------------------------------------------

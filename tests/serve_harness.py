@@ -88,7 +88,9 @@ class ServeInstance:
 
 @contextmanager
 def serve_in_netns(prefix: str, args: Sequence[str], port: int, replicas: int,
-                   start_timeout_s: float = 300) -> Iterator[ServeInstance]:
+                   start_timeout_s: float = 300, sysctls: Sequence[str] = ()
+                   ) -> Iterator[ServeInstance]:
+    """``sysctls``: ``key=value`` settings of the namespace's own network stack."""
     name = f"{prefix}{os.getpid()}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -100,6 +102,9 @@ def serve_in_netns(prefix: str, args: Sequence[str], port: int, replicas: int,
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
                        check=True, timeout=10)
+        for setting in sysctls:
+            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", setting],
+                           check=True, timeout=10)
         ns_fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
         _setns(ns_fd)
         os.close(ns_fd)

@@ -6,7 +6,10 @@ serves the whole module; the tests run in file order and the destructive ones co
 1. 3x sustained overload (open loop): every request is answered 200, 429 with a computed
    Retry-After, or 504 past its own deadline; accepted streams start within max_queue_wait_s
    plus one prefill; a client that honours Retry-After is served. ``soak`` marker: 60 s.
-2. A client that stops reading is disconnected after stream_stall_timeout_s, its slot freed.
+2. Steady mixed traffic with cancellations (20 s; ``soak``: 10 min): router and replica RSS
+   grow < 5% after warm-up, every slot is free at the end, the router's counters add up
+   (accepted = completed + cancelled + errored + deadline) and match what clients saw.
+   A client that stops reading is disconnected after stream_stall_timeout_s, its slot freed.
 3. SIGKILL one of two LLM replicas while it streams and queues: only its streams that had
    started fail (an error event, promptly); its queued requests complete on the other.
 4. SIGKILL both: /health turns 503 (OpenAI error shape) within one health-check period, and
@@ -41,6 +44,7 @@ HEALTH_PERIOD_S = 2.0
 MAX_QUEUE_WAIT_S = 3.0
 PROMPT = "The capital of France is"
 STALL_S = 2.0
+STALL_TOKENS = 400
 SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_len=512",
                f"max_waiting_per_replica={QUEUE}", f"health_check_period_s={HEALTH_PERIOD_S}",
                f"max_queue_wait_s={MAX_QUEUE_WAIT_S}", "batch_window_ms=5",
@@ -48,13 +52,18 @@ SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_l
                f"stream_stall_timeout_s={STALL_S}"]
 OVERLOAD_S = float(os.environ.get("RINGSERVE_OVERLOAD_S", "15"))
 SOAK_OVERLOAD_S = 60.0
+STEADY_S = float(os.environ.get("RINGSERVE_STEADY_S", "20"))
+SOAK_STEADY_S = 600.0
 
 
 @pytest.fixture(scope="module")
 def serve() -> Iterator[ServeInstance]:
     if not can_make_netns():
         pytest.skip("needs root and iproute2 for a private network namespace")
-    with serve_in_netns("rs14rel", SERVER_ARGS, PORT, REPLICAS) as instance:
+    # Socket send buffers of at most 64 KB (Linux defaults grow to 4 MB): a client that stops
+    # reading fills them within seconds, as it would over a real network path.
+    with serve_in_netns("rs14rel", SERVER_ARGS, PORT, REPLICAS,
+                        sysctls=["net.ipv4.tcp_wmem=4096 16384 65536"]) as instance:
         yield instance
 
 
@@ -218,6 +227,115 @@ def test_3x_overload_for_60s(serve: ServeInstance) -> None:
     _check_overload(serve, SOAK_OVERLOAD_S)
 
 
+# Steady mixed traffic (the long run) ---------------------------------------------------
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def _mixed_traffic(base: str, duration_s: float, workers: int, on_warm: Any
+                         ) -> dict[str, int]:
+    """``workers`` closed-loop clients for ``duration_s``, cycling through: a completion, a
+    streamed chat, a stream cancelled after 3 events, an n=2 completion, one with a tight
+    deadline. ``on_warm()`` runs once a quarter of the time has passed. Client-side counts."""
+    counts = {"ok": 0, "cancelled": 0, "shed": 0, "deadline": 0}
+    end = time.monotonic() + duration_s
+    warm_at = time.monotonic() + duration_s / 4
+
+    async def worker(w: int, http: httpx.AsyncClient) -> None:
+        i = w
+        while time.monotonic() < end:
+            kind = i % 5
+            i += 1
+            if kind == 2:
+                body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 64, "stream": True,
+                        "ignore_eos": True}
+                async with http.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        counts["shed" if r.status_code == 429 else "deadline"] += 1
+                        assert r.status_code in (429, 504), await r.aread()
+                        continue
+                    seen = 0
+                    async for line in r.aiter_lines():
+                        seen += line.startswith("data: ")
+                        if seen >= 3:
+                            break  # leaving the block closes the connection mid-stream
+                counts["cancelled"] += 1
+                continue
+            if kind == 1:
+                res = await stream_completion(http, 16)
+                if res.status == 200:
+                    assert res.done and res.error is None, res
+            else:
+                body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8 + 8 * (i % 3),
+                        "n": 2 if kind == 3 else 1}
+                if kind == 4:
+                    body["deadline_s"] = 0.3
+                r = await http.post("/v1/completions", json=body)
+                res = StreamResult(status=r.status_code)
+            assert res.status in (200, 429, 504), res
+            counts[{200: "ok", 429: "shed", 504: "deadline"}[res.status]] += 1
+            if res.status == 429:
+                await asyncio.sleep(1.0)
+
+    async def warm() -> None:
+        await asyncio.sleep(max(0.0, warm_at - time.monotonic()))
+        await asyncio.to_thread(on_warm)
+
+    async with client(base) as http:
+        await asyncio.wait_for(asyncio.gather(warm(), *(worker(w, http)
+                                                         for w in range(workers))),
+                               duration_s + 300)
+    return counts
+
+
+def _check_steady(serve: ServeInstance, duration_s: float) -> None:
+    pids = {"router": serve.serve_process("ServeReplica:default:Router")}
+    for k, pid in enumerate(sorted(serve.processes("ServeReplica:default:LLMServer"))):
+        pids[f"replica{k}"] = pid
+    before = httpx.get(f"{serve.base}/load", timeout=10).json()["requests"]
+    warm: dict[str, int] = {}
+    counts = asyncio.run(_mixed_traffic(
+        serve.base, duration_s, 2 * SLOTS,
+        lambda: warm.update({name: _rss_kb(pid) for name, pid in pids.items()})))
+    began = time.monotonic()
+    while True:  # the cancelled streams' aborts land within moments
+        load = httpx.get(f"{serve.base}/load", timeout=10).json()
+        if load["in_flight"] == 0 and all(r["running_sequences"] == 0 for r in load["replicas"]):
+            break
+        assert time.monotonic() - began < 30, load
+        time.sleep(0.2)
+    end = {name: _rss_kb(pid) for name, pid in pids.items()}
+    growth = {name: (end[name] - warm[name]) / warm[name] for name in pids}
+    delta = {k: load["requests"][k] - before[k] for k in before}
+    print(f"\nsteady {duration_s:g}s: clients saw {counts}; router counted {delta}; RSS after "
+          f"warm-up {warm} kB, at the end {end} kB, growth "
+          f"{ {k: f'{100 * v:+.2f}%' for k, v in growth.items()} }")
+    for r in load["replicas"]:  # every slot free again
+        assert r["free_slots"] == r["total_slots"] and r["waiting_sequences"] == 0, r
+    assert delta["accepted"] == sum(delta[k] for k in ("completed", "cancelled", "errored",
+                                                       "deadline")), delta
+    assert delta["accepted"] == counts["ok"] + counts["cancelled"] + counts["deadline"], (
+        delta, counts)
+    assert delta["errored"] == 0 and delta["deadline"] == counts["deadline"], (delta, counts)
+    assert counts["ok"] > 0 and counts["cancelled"] > 0
+    for name, g in growth.items():
+        assert g < 0.05, (name, warm[name], end[name])
+
+
+def test_steady_mixed_traffic_leaks_nothing(serve: ServeInstance) -> None:
+    _check_steady(serve, STEADY_S)
+
+
+@pytest.mark.soak
+def test_steady_mixed_traffic_for_10_minutes(serve: ServeInstance) -> None:
+    _check_steady(serve, SOAK_STEADY_S)
+
+
 # Stalled client ------------------------------------------------------------------------
 
 
@@ -225,9 +343,9 @@ def test_a_stalled_client_is_disconnected_and_its_slot_freed(serve: ServeInstanc
     """A client reads the headers and one event of a long, fat stream (top_logprobs=20: ~2 KB
     per token), then stops reading with a 4 KB receive buffer. Once every buffer on the way is
     full, the proxy sees no progress for stream_stall_timeout_s: the request is cancelled (its
-    slot frees long before 480 tokens) and the connection closed without [DONE]."""
-    body = json.dumps({"model": MODEL, "max_tokens": 480, "ignore_eos": True, "stream": True,
-                       "logprobs": True, "top_logprobs": 20,
+    slot frees long before 400 tokens) and the connection closed without [DONE]."""
+    body = json.dumps({"model": MODEL, "max_tokens": STALL_TOKENS, "ignore_eos": True,
+                       "stream": True, "logprobs": True, "top_logprobs": 20,
                        "messages": [{"role": "user", "content": "Tell me a long story."}]})
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -239,9 +357,11 @@ def test_a_stalled_client_is_disconnected_and_its_slot_freed(serve: ServeInstanc
     try:
         sock.sendall(request)
         head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1024)
+        assert head.startswith(b"HTTP/1.1 200"), head[:2000]
         while b"data: " not in head:
             head += sock.recv(1024)
-        assert head.startswith(b"HTTP/1.1 200"), head[:200]
         began = time.monotonic()
         running = 0
         while True:  # the client reads nothing more
@@ -263,9 +383,9 @@ def test_a_stalled_client_is_disconnected_and_its_slot_freed(serve: ServeInstanc
         sock.close()
     events = (head + rest).count(b"data: ")
     print(f"\nstalled client: slot free {freed_after:.1f}s after it stopped reading "
-          f"(stall timeout {STALL_S:g}s); it had been sent {events} of 480 events")
+          f"(stall timeout {STALL_S:g}s); it had been sent {events} of {STALL_TOKENS} events")
     assert b"[DONE]" not in rest, "the stream ran to its end: it was never cancelled"
-    assert events < 480
+    assert events < STALL_TOKENS
     _answers(serve.base)
 
 

@@ -474,7 +474,8 @@ def test_killing_one_of_two_replicas_loses_only_its_started_streams(
 
 def test_killing_every_replica_turns_health_503_then_back(serve: ServeInstance) -> None:
     load = httpx.get(f"{serve.base}/load", timeout=10).json()["replicas"]
-    pids = [serve.replica_pid(r["replica_id"]) for r in load]
+    pids = [serve.replica_pid(r["replica_id"]) for r in load if r["healthy"]]
+    assert len(pids) == REPLICAS, load
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     down = _wait_health(serve.base, 0, 30)

@@ -135,6 +135,7 @@ class Dispatcher:
         self._poll_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.tally = Tally()
+        self.polled = False  # a poll round has completed (the board reflects the replicas)
         self.closing = False
 
     # Load polling ---------------------------------------------------------------------
@@ -165,6 +166,7 @@ class Dispatcher:
                 ids = self._client.replica_ids() or self.board.replica_ids
             self.board.set_replicas(ids)
             await asyncio.gather(*(self._poll_one(rid) for rid in ids))
+            self.polled = True
 
     async def _poll_one(self, replica_id: str | None) -> None:
         sent_at = time.monotonic()

@@ -91,7 +91,9 @@ class Router:
         limits = AdmissionLimits(max_queue_wait_s=self.config.max_queue_wait_s,
                                  max_waiting=self.config.max_waiting_per_replica,
                                  default_tokens_per_s=self.config.default_tokens_per_s,
-                                 max_report_age_s=self.config.health_check_period_s)
+                                 # a replica that has not answered for 3/4 of a health-check
+                                 # period is out: /health turns 503 within one period
+                                 max_report_age_s=0.75 * self.config.health_check_period_s)
         self.dispatcher = Dispatcher(
             self.client, LoadBoard(limits), batch_window_s=self.config.batch_window_ms / 1000,
             max_batch=self.config.max_batch_size, stats_interval_s=self.config.stats_interval_s,
@@ -145,8 +147,8 @@ class Router:
         async def health() -> JSONResponse:
             self.dispatcher.start()
             healthy = self.dispatcher.board.healthy_ids()
-            if not healthy:
-                await self.dispatcher.wait_ready(1.0)
+            if not healthy and not self.dispatcher.polled:
+                await self.dispatcher.wait_ready(1.0)  # a router just started: first poll
                 healthy = self.dispatcher.board.healthy_ids()
             if not healthy:
                 raise APIError(503, "no healthy LLM replica", code="no_healthy_replica")

@@ -489,8 +489,23 @@ def test_killing_every_replica_turns_health_503_then_back(serve: ServeInstance) 
 
 
 def test_killing_the_router_replica_then_new_requests_succeed(serve: ServeInstance) -> None:
+    """A stream in flight through the router when it dies fails (connection or error); the
+    LLM replica aborts its sequence (the router's batch stream closed); once Serve has
+    started a new router, requests succeed."""
     router = serve.serve_process("ServeReplica:default:Router")
-    os.kill(router, signal.SIGKILL)
+
+    async def stream_then_kill() -> StreamResult | BaseException:
+        async with client(serve.base) as http:
+            started = asyncio.Event()
+            task = asyncio.create_task(stream_completion(http, 300, started))
+            await asyncio.wait_for(started.wait(), 60)
+            os.kill(router, signal.SIGKILL)
+            try:
+                return await asyncio.wait_for(task, 60)
+            except httpx.HTTPError as exc:
+                return exc
+
+    orphan = asyncio.run(stream_then_kill())
     killed = time.monotonic()
     statuses: list[int | str] = []
     while True:
@@ -504,6 +519,17 @@ def test_killing_the_router_replica_then_new_requests_succeed(serve: ServeInstan
             statuses.append(type(exc).__name__)
         assert time.monotonic() - killed < 240, statuses
         time.sleep(0.5)
-    print(f"\nrouter killed: first 200 after {time.monotonic() - killed:.1f}s; statuses "
-          f"meanwhile {sorted(set(map(str, statuses)))}")
+    recovered = time.monotonic() - killed
+    while True:  # the new router's view: the orphaned sequence is gone from its replica
+        load = httpx.get(f"{serve.base}/load", timeout=10).json()["replicas"]
+        if load and all(r["running_sequences"] == 0 for r in load if r["healthy"]):
+            break
+        assert time.monotonic() - killed < 300, load
+        time.sleep(0.5)
+    idle = time.monotonic() - killed
+    print(f"\nrouter killed: replicas idle {idle:.1f}s later (the orphan had ~300 tokens "
+          f"to go); its open stream ended with "
+          f"{orphan if isinstance(orphan, BaseException) else (orphan.status, orphan.error)}; "
+          f"first 200 after {recovered:.1f}s; meanwhile {sorted(set(map(str, statuses)))}")
+    assert isinstance(orphan, BaseException) or orphan.error is not None or not orphan.done
     assert all(s in (200, 500, 502, 503) or isinstance(s, str) for s in statuses), statuses

@@ -1,10 +1,11 @@
 """Real Ray Serve in a private network namespace, for integration tests that own an instance.
 
-``serve_in_netns(prefix, args, port, replicas)`` makes a network namespace (root only; the
-caller skips otherwise), moves this thread into it, starts ``serve run app.main:build_app
-ARGS`` there and yields once ``/health`` reports ``replicas`` healthy LLM replicas. Teardown
-stops Serve, kills whatever is left in the namespace (all ours) and deletes it. Ray binds
-ports on all interfaces; inside the namespace only loopback exists.
+``serve_in_netns(prefix, args, port, replicas)`` makes a network namespace with
+:mod:`cluster.isolation` (root only; the caller skips otherwise), moves this thread into it,
+starts ``serve run app.main:build_app ARGS`` there and yields once ``/health`` reports
+``replicas`` healthy LLM replicas. Teardown stops Serve, kills whatever is left in the
+namespace (all ours) and deletes it. Ray binds ports on all interfaces; inside the namespace
+only loopback exists.
 
 The helpers find Serve's processes inside that namespace only: by process title
 (:func:`serve_process`) or, for one replica, by its Serve replica id (:func:`replica_pid`).
@@ -12,13 +13,11 @@ The helpers find Serve's processes inside that namespace only: by process title
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,30 +25,21 @@ from pathlib import Path
 
 import httpx
 
-CLONE_NEWNET = 0x40000000
+from cluster.isolation.netns import NetNamespace, netns_supported
+from cluster.isolation.process_group import stop_process_group
+from cluster.isolation.ray_tmpdir import make_ray_tmpdir
+
 BIN = Path(sys.executable).parent
 
 
 def can_make_netns() -> bool:
-    return os.geteuid() == 0 and (Path("/usr/sbin/ip").exists() or Path("/sbin/ip").exists())
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        raise OSError(ctypes.get_errno(), "setns failed")
-
-
-def ns_pids(name: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                         timeout=10).stdout
-    return [int(p) for p in out.split()]
+    return netns_supported()
 
 
 class ServeInstance:
     """A running Serve app: its base URL, namespace and log."""
 
-    def __init__(self, netns: str, base: str, log: Path) -> None:
+    def __init__(self, netns: NetNamespace, base: str, log: Path) -> None:
         self.netns = netns
         self.base = base
         self.log = log
@@ -57,7 +47,7 @@ class ServeInstance:
     def processes(self, role: str) -> list[int]:
         """Pids of this namespace's processes whose command line names ``role``."""
         found = []
-        for pid in ns_pids(self.netns):
+        for pid in self.netns.pids():
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
@@ -91,61 +81,38 @@ def serve_in_netns(prefix: str, args: Sequence[str], port: int, replicas: int,
                    start_timeout_s: float = 300, sysctls: Sequence[str] = ()
                    ) -> Iterator[ServeInstance]:
     """``sysctls``: ``key=value`` settings of the namespace's own network stack."""
-    name = f"{prefix}{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    namespace = NetNamespace.create(prefix)
     proc: subprocess.Popen[bytes] | None = None
-    tmp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    log_path = Path(tmp) / "serve.log"
+    tmp = make_ray_tmpdir(prefix)
+    log_path = tmp / "serve.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed in teardown
     base = f"http://127.0.0.1:{port}"
     try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-                       check=True, timeout=10)
         for setting in sysctls:
-            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", setting],
+            subprocess.run([*namespace.exec_prefix(), "sysctl", "-q", "-w", setting],
                            check=True, timeout=10)
-        ns_fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-        _setns(ns_fd)
-        os.close(ns_fd)
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=tmp)
-        proc = subprocess.Popen(
-            [str(BIN / "serve"), "run", "app.main:build_app", *args, f"port={port}",
-             "host=127.0.0.1"], cwd=Path(__file__).resolve().parents[1], env=env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            assert time.monotonic() < deadline, "Serve did not become healthy"
-            try:
-                r = httpx.get(f"{base}/health", timeout=5)
-                if r.status_code == 200 and r.json()["healthy_replicas"] == replicas:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        yield ServeInstance(name, base, log_path)
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        _setns(original)  # first: this process must not count as one in the namespace
-        os.close(original)
-        for _ in range(20):  # Ray daemons left in the namespace are ours
-            pids = [p for p in ns_pids(name) if p != os.getpid()]
-            if not pids:
-                break
-            for pid in pids:
+        with namespace.entered():  # this thread (the test's HTTP clients) and serve run
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(tmp))
+            proc = subprocess.Popen(
+                [str(BIN / "serve"), "run", "app.main:build_app", *args, f"port={port}",
+                 "host=127.0.0.1"], cwd=Path(__file__).resolve().parents[1], env=env,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.monotonic() + start_timeout_s
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-4000:]
+                assert time.monotonic() < deadline, "Serve did not become healthy"
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    r = httpx.get(f"{base}/health", timeout=5)
+                    if r.status_code == 200 and r.json()["healthy_replicas"] == replicas:
+                        break
+                except httpx.HTTPError:
                     pass
-            time.sleep(0.5)
+                time.sleep(2)
+            yield ServeInstance(namespace, base, log_path)
+    finally:
+        if proc is not None:
+            stop_process_group(proc, threading.Event(), waits_s=(60.0, 10.0))
+        namespace.delete()  # outside it: Ray daemons left in the namespace are ours
         log.close()
-        subprocess.run(["ip", "netns", "del", name], timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -369,6 +369,13 @@ def test_stall_timeout_knob_reaches_the_proxy(monkeypatch: Any) -> None:
     assert AppConfig.model_validate({"stream_stall_timeout_s": "none"}).stream_stall_timeout_s \
         is None
     assert AppConfig().edge_limits().stall_timeout_s == 60.0
+    from app.serve_cli import Launch, edge_env  # `ringserve serve` passes it too
+
+    launch = Launch({"stream_stall_timeout_s": "5"}, None, "127.0.0.1", 8000)
+    assert edge_env(launch)["RINGSERVE_STREAM_STALL_TIMEOUT_S"] == "5"
+    config = {"applications": [{"args": {"stream_stall_timeout_s": 5}}, {"args": {}}]}
+    assert "RINGSERVE_STREAM_STALL_TIMEOUT_S" not in edge_env(
+        Launch({}, config, "127.0.0.1", 8000))  # the default 60 s, the more patient
     assert EdgeGuard(lambda *a: None, EdgeLimits()).limits.stall_timeout_s == 60.0
 
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.admission import Accepted, LoadBoard, NoReplica, ReplicaSnapshot, Shed
+from app.admission import Accepted, Admission, LoadBoard, NoReplica, ReplicaSnapshot, Shed
 from app.batcher import MicroBatcher, spawn
 from app.errors import APIError
 from app.llm_server import BatchItem, Event, ItemError, Routed
@@ -200,10 +200,7 @@ class Dispatcher:
         arrival = time.monotonic()
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down")
-        if not self.board.healthy_ids():
-            await self.wait_ready(CALL_TIMEOUT_S)
-        decision = self.board.admit(request.request_id, len(request.prompt_token_ids),
-                                    request.params.n)
+        decision = await self._admit(request, CALL_TIMEOUT_S)
         if isinstance(decision, Shed):
             if self._metrics:
                 self._metrics.shed_request(decision.reason)
@@ -223,6 +220,19 @@ class Dispatcher:
         self._tickets[request.request_id] = ticket
         self._batcher.add(decision.replica_id, ticket)
         return ticket
+
+    async def _admit(self, request: GenerationRequest, wait_s: float, force: bool = False
+                     ) -> Admission:
+        """The board's decision; while no replica is healthy (none yet, or a moment when
+        every report is late on a starved host), wait for one up to ``wait_s``."""
+        end = time.monotonic() + max(0.0, wait_s)
+        while True:
+            decision = self.board.admit(request.request_id, len(request.prompt_token_ids),
+                                        request.params.n, force=force)
+            left = end - time.monotonic()
+            if not isinstance(decision, NoReplica) or left <= 0:
+                return decision
+            await self.wait_ready(left)
 
     def cancel(self, ticket: Ticket) -> None:
         """The client left: drop the request from its batch, or abort it on its replica."""
@@ -307,12 +317,11 @@ class Dispatcher:
         limit = REPLACE_WAIT_S
         if ticket.deadline is not None:
             limit = min(limit, ticket.deadline - time.monotonic())
-        if not self.board.healthy_ids():
-            await self.wait_ready(max(0.0, limit))
+        decision = await self._admit(ticket.request, limit, force=True)
         if ticket.closed:
+            if isinstance(decision, Accepted):
+                self.board.finished(ticket.request_id)
             return  # its client left meanwhile
-        decision = self.board.admit(ticket.request_id, len(ticket.request.prompt_token_ids),
-                                    ticket.request.params.n, force=True)
         if not isinstance(decision, Accepted):
             ticket.queue.put_nowait(ItemError(ticket.request_id, 503, f"{message}; no other "
                                               "healthy LLM replica took the request"))

@@ -17,7 +17,7 @@ TORCH_CPU_PIN := torch==2.13.0
 export RAY_USAGE_STATS_ENABLED := 0
 export SKYPILOT_DISABLE_USAGE_COLLECTION := 1
 
-.PHONY: setup serve monitor generate test lint bench clean dashboards
+.PHONY: setup serve monitor generate test soak lint bench clean dashboards
 
 setup: $(STAMP)
 
@@ -63,6 +63,12 @@ dashboards: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The long reliability runs (60 s of 3x overload, 10 minutes of steady mixed traffic), about
+# 15 minutes (estimated, not yet measured); `make test` leaves them out (pytest's addopts:
+# -m 'not soak'), and so does CI.
+soak: setup
+	$(PY) -m pytest -q -s -m soak tests/test_app_reliability_serve.py $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check model app cluster bench tests

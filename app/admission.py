@@ -30,6 +30,7 @@ up to whole seconds (at least 1).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -92,6 +93,9 @@ class AdmissionLimits:
     max_queue_wait_s: float = 10.0
     max_waiting: int | None = None  # queued sequences per replica; None: the replica's slots
     default_tokens_per_s: float = 50.0
+    # A replica whose last answered poll was sent longer ago than this is not routed to (and
+    # /health counts it out): a hung or vanished replica stops looking healthy. None: never.
+    max_report_age_s: float | None = None
 
 
 @dataclass
@@ -132,8 +136,15 @@ class LoadBoard:
     def replica_ids(self) -> list[str]:
         return sorted(self._replicas)
 
-    def report(self, snapshot: ReplicaSnapshot, polled_at: float) -> None:
-        """A replica answered a poll sent at ``polled_at`` (router clock)."""
+    def report(self, snapshot: ReplicaSnapshot, polled_at: float,
+               target: str | None = None) -> None:
+        """A replica answered a poll sent at ``polled_at`` (router clock) to ``target``.
+
+        An answer from another replica than the one targeted means the target is gone (Serve
+        routes a call whose target has vanished to any replica): the target is unreachable.
+        """
+        if target is not None and target != snapshot.replica_id:
+            self.unreachable(target)
         rep = self._replicas.setdefault(snapshot.replica_id, _Replica())
         if polled_at < rep.polled_at:
             return  # an older answer overtaken by a newer one
@@ -148,8 +159,13 @@ class LoadBoard:
     def seq_tokens(self) -> float:
         return self._seq_tokens if self._seq_tokens is not None else self.seq_tokens_prior
 
-    def healthy_ids(self) -> list[str]:
-        return [rid for rid, r in sorted(self._replicas.items()) if _usable(r)]
+    def healthy_ids(self, now: float | None = None) -> list[str]:
+        """Replicas that answered their latest poll healthy, recently enough."""
+        oldest = -math.inf
+        if self.limits.max_report_age_s is not None:
+            oldest = (time.monotonic() if now is None else now) - self.limits.max_report_age_s
+        return [rid for rid, r in sorted(self._replicas.items())
+                if _usable(r) and r.polled_at >= oldest]
 
     # Request lifecycle ------------------------------------------------------------------
     def sent(self, request_ids: Iterable[str], now: float) -> None:
@@ -197,8 +213,13 @@ class LoadBoard:
         return (est.waiting_tokens / est.prefill_rate
                 + short * self.seq_tokens / est.drain_rate)
 
-    def admit(self, request_id: str, prompt_tokens: int, seqs: int = 1) -> Admission:
-        """Pick a replica for a request of ``seqs`` sequences, or say why not."""
+    def admit(self, request_id: str, prompt_tokens: int, seqs: int = 1,
+              force: bool = False) -> Admission:
+        """Pick a replica for a request of ``seqs`` sequences, or say why not.
+
+        ``force``: never shed (a request already accepted whose replica died is placed again:
+        accepted work is not refused later); only "no healthy replica" remains.
+        """
         candidates = [self.estimate(rid) for rid in self.healthy_ids()]
         if not candidates:
             return NoReplica("no healthy LLM replica is available")
@@ -209,12 +230,12 @@ class LoadBoard:
             max_waiting = (self.limits.max_waiting if self.limits.max_waiting is not None
                            else est.total_slots)
             excess = est.waiting_seqs + seqs - est.free_slots - max_waiting
-            if excess > 0:
+            if excess > 0 and not force:
                 retry = excess * self.seq_tokens / est.drain_rate
                 refusals.append(Shed("queue_full", _ceil_s(retry), wait,
                                      "the waiting queue is full"))
                 continue
-            if wait > self.limits.max_queue_wait_s:
+            if wait > self.limits.max_queue_wait_s and not force:
                 refusals.append(Shed("queue_wait", _ceil_s(wait - self.limits.max_queue_wait_s),
                                      wait, f"predicted queue wait {wait:.1f}s exceeds "
                                      f"{self.limits.max_queue_wait_s:g}s"))

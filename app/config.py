@@ -10,7 +10,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from app.edge import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES, EdgeLimits
+from app.edge import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_STALL_TIMEOUT_S,
+    EdgeLimits,
+)
 from model.engine_args import DEFAULT_QUANTIZATION, EngineArgs
 
 
@@ -146,6 +151,11 @@ class AppConfig(BaseModel):
         DEFAULT_MAX_HEADER_BYTES, ge=1024, description="Largest total size of a request's "
         "header names and values (431 beyond)."
     )
+    stream_stall_timeout_s: float | None = Field(
+        DEFAULT_STALL_TIMEOUT_S, gt=0, description="A client that accepts no response data "
+        "for this long (it stopped reading; every buffer on the way is full) is disconnected "
+        "and its request cancelled, freeing its cache slot; null: never."
+    )
     host: str | None = Field(
         None, description="HTTP proxy host when `serve run` starts Serve (default 127.0.0.1)."
     )
@@ -165,6 +175,14 @@ class AppConfig(BaseModel):
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if value in ("", "default") else value
+
+    @field_validator("stream_stall_timeout_s", mode="before")
+    @classmethod
+    def _never(cls, value: Any) -> Any:
+        """`serve run ... stream_stall_timeout_s=none` (or 0) turns the stall check off."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null", "0"):
+            return None
+        return None if value == 0 else value
 
     @field_validator("autoscaling", mode="before")
     @classmethod
@@ -194,7 +212,8 @@ class AppConfig(BaseModel):
         return EdgeLimits(max_body_bytes=self.max_body_bytes,
                           max_header_bytes=self.max_header_bytes,
                           api_keys=self.accepted_keys(),
-                          max_concurrent_per_key=self.max_concurrent_per_key)
+                          max_concurrent_per_key=self.max_concurrent_per_key,
+                          stall_timeout_s=self.stream_stall_timeout_s)
 
     def replica_threads(self, cpus: int) -> int:
         """torch threads per CPU replica on a node of ``cpus`` cores.

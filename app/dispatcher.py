@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.admission import Accepted, LoadBoard, NoReplica, ReplicaSnapshot, Shed
+from app.admission import Accepted, Admission, LoadBoard, NoReplica, ReplicaSnapshot, Shed
 from app.batcher import MicroBatcher, spawn
 from app.errors import APIError
 from app.llm_server import BatchItem, Event, ItemError, Routed
@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 5.0  # stats polls and aborts; a replica that can't answer is unreachable
 DEADLINE_GRACE_S = 2.0  # the replica enforces deadlines; the router only backs it up
+# A queued request whose replica died waits at most this long for a healthy one (Serve
+# restarts a killed replica in about 10-30 s) before it fails with 503.
+REPLACE_WAIT_S = 30.0
 
 
 class ReplicaClient(Protocol):
@@ -52,6 +55,25 @@ class RequestFailed(Exception):
 
 _END = object()
 
+OUTCOMES = ("completed", "cancelled", "errored", "deadline")
+
+
+@dataclass
+class Tally:
+    """How the requests this router accepted ended. Invariant (tests/test_app_faults.py):
+    accepted == completed + cancelled + errored + deadline + in flight."""
+
+    accepted: int = 0
+    completed: int = 0  # every choice finished (stop or length)
+    cancelled: int = 0  # its client left (disconnect, stall) before the end
+    errored: int = 0  # its replica failed, or a choice ended with ``error``
+    deadline: int = 0  # still queued at its own deadline (504)
+    replaced: int = 0  # placed again after its replica died before it started (not an end)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"accepted": self.accepted, **{k: getattr(self, k) for k in OUTCOMES},
+                "replaced": self.replaced}
+
 
 @dataclass(eq=False)
 class Ticket:
@@ -68,6 +90,9 @@ class Ticket:
     got_token: bool = False  # a generated token arrived
     closed: bool = False  # finished, failed or cancelled
     finished_choices: int = 0
+    replaced: int = 0  # times it was placed again after its replica died before it started
+    timed_out: bool = False  # the router's backup deadline fired while it was queued
+    failed: bool = False  # an error event or a choice that ended with ``error``
     seq_tokens: list[int] = field(default_factory=list)
 
     @property
@@ -83,6 +108,7 @@ class Ticket:
             try:
                 item = await asyncio.wait_for(self.queue.get(), timeout)
             except asyncio.TimeoutError:
+                self.timed_out = True
                 raise RequestFailed(504, "the request was still queued at its deadline") from None
             if item is _END:
                 return
@@ -108,6 +134,8 @@ class Dispatcher:
         self._poll_task: asyncio.Task[None] | None = None
         self._poll_lock: asyncio.Lock | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.tally = Tally()
+        self.polled = False  # a poll round has completed (the board reflects the replicas)
         self.closing = False
 
     # Load polling ---------------------------------------------------------------------
@@ -129,12 +157,16 @@ class Dispatcher:
             self._poll_lock = asyncio.Lock()
         async with self._poll_lock:
             ids = self._client.replica_ids()
+            if ids is not None:
+                self.board.set_replicas(ids)  # [] once every replica is gone: none healthy
             if not ids:
-                # The handle learns the replica set on first use: one untargeted poll.
+                # The handle learns the replica set on first use (or after all replicas
+                # died, once Serve has started one again): one untargeted poll.
                 await self._poll_one(None)
                 ids = self._client.replica_ids() or self.board.replica_ids
             self.board.set_replicas(ids)
             await asyncio.gather(*(self._poll_one(rid) for rid in ids))
+            self.polled = True
 
     async def _poll_one(self, replica_id: str | None) -> None:
         sent_at = time.monotonic()
@@ -145,7 +177,7 @@ class Dispatcher:
             if replica_id is not None:
                 self.board.unreachable(replica_id)
             return
-        self.board.report(snap, sent_at)
+        self.board.report(snap, sent_at, target=replica_id)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until some replica has reported healthy (True) or the timeout passes (False)."""
@@ -168,10 +200,7 @@ class Dispatcher:
         arrival = time.monotonic()
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down")
-        if not self.board.healthy_ids():
-            await self.wait_ready(CALL_TIMEOUT_S)
-        decision = self.board.admit(request.request_id, len(request.prompt_token_ids),
-                                    request.params.n)
+        decision = await self._admit(request, CALL_TIMEOUT_S)
         if isinstance(decision, Shed):
             if self._metrics:
                 self._metrics.shed_request(decision.reason)
@@ -187,15 +216,29 @@ class Dispatcher:
             self._metrics.admitted(decision.predicted_wait_s)
         deadline = arrival + deadline_s if deadline_s is not None else None
         ticket = Ticket(request, decision.replica_id, arrival, deadline, stream)
+        self.tally.accepted += 1
         self._tickets[request.request_id] = ticket
         self._batcher.add(decision.replica_id, ticket)
         return ticket
+
+    async def _admit(self, request: GenerationRequest, wait_s: float, force: bool = False
+                     ) -> Admission:
+        """The board's decision; while no replica is healthy (none yet, or a moment when
+        every report is late on a starved host), wait for one up to ``wait_s``."""
+        end = time.monotonic() + max(0.0, wait_s)
+        while True:
+            decision = self.board.admit(request.request_id, len(request.prompt_token_ids),
+                                        request.params.n, force=force)
+            left = end - time.monotonic()
+            if not isinstance(decision, NoReplica) or left <= 0:
+                return decision
+            await self.wait_ready(left)
 
     def cancel(self, ticket: Ticket) -> None:
         """The client left: drop the request from its batch, or abort it on its replica."""
         if ticket.closed:
             return
-        self._close(ticket)
+        self._close(ticket, "deadline" if ticket.timed_out else "cancelled")
         if self._metrics:
             self._metrics.cancelled()
         if self._batcher.discard(ticket.replica_id, ticket):
@@ -211,8 +254,9 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - the stream's close aborts it anyway
             logger.warning("abort of %s failed: %r", ticket.request_id, exc)
 
-    def _close(self, ticket: Ticket) -> None:
+    def _close(self, ticket: Ticket, outcome: str) -> None:
         ticket.closed = True
+        setattr(self.tally, outcome, getattr(self.tally, outcome) + 1)
         self._tickets.pop(ticket.request_id, None)
         self.board.finished(ticket.request_id, ticket.seq_tokens)
         ticket.queue.put_nowait(_END)
@@ -242,19 +286,53 @@ class Dispatcher:
                     break
         except Exception as exc:  # noqa: BLE001 - a dead replica fails its open requests
             logger.warning("batch stream from %s failed: %r", replica_id, exc)
-            for rid in open_ids:
-                ticket = tickets[rid]
-                if not ticket.closed:
-                    ticket.queue.put_nowait(ItemError(rid, 503, f"LLM replica failed: {exc}"))
-                    self._close(ticket)
+            self.board.unreachable(replica_id)  # until it answers a poll again
+            self._replica_lost(tickets, open_ids, f"LLM replica failed: {exc}")
         finally:
             with contextlib.suppress(Exception):
                 await _aclose(stream)
-            for rid in open_ids:
-                if not tickets[rid].closed:
-                    tickets[rid].queue.put_nowait(
-                        ItemError(rid, 503, "LLM replica ended the stream early"))
-                    self._close(tickets[rid])
+            self._replica_lost(tickets, open_ids, "LLM replica ended the stream early")
+
+    def _replica_lost(self, tickets: dict[str, Ticket], open_ids: set[str], message: str
+                      ) -> None:
+        """The batch stream broke: a request that has started (its client may have seen
+        tokens) fails with 503; one still queued there is placed on another replica."""
+        for rid in sorted(open_ids):
+            ticket = tickets[rid]
+            if ticket.closed:
+                continue
+            if ticket.started or self.closing:
+                ticket.queue.put_nowait(ItemError(rid, 503, message))
+                self._close(ticket, "errored")
+            else:
+                ticket.sent = False
+                task = spawn(self._place_again(ticket, message))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        open_ids.clear()
+
+    async def _place_again(self, ticket: Ticket, message: str) -> None:
+        """Re-admit a queued request whose replica died (never shed: it was accepted), waiting
+        for a healthy replica until its deadline or ``REPLACE_WAIT_S``."""
+        limit = REPLACE_WAIT_S
+        if ticket.deadline is not None:
+            limit = min(limit, ticket.deadline - time.monotonic())
+        decision = await self._admit(ticket.request, limit, force=True)
+        if ticket.closed:
+            if isinstance(decision, Accepted):
+                self.board.finished(ticket.request_id)
+            return  # its client left meanwhile
+        if not isinstance(decision, Accepted):
+            ticket.queue.put_nowait(ItemError(ticket.request_id, 503, f"{message}; no other "
+                                              "healthy LLM replica took the request"))
+            self._close(ticket, "errored")
+            return
+        logger.info("request %s moves from %s to %s", ticket.request_id, ticket.replica_id,
+                    decision.replica_id)
+        ticket.replica_id = decision.replica_id
+        ticket.replaced += 1
+        self.tally.replaced += 1
+        self._batcher.add(decision.replica_id, ticket)
 
     def _route(self, event: Event, tickets: dict[str, Ticket], open_ids: set[str]) -> None:
         if isinstance(event, Routed):
@@ -271,13 +349,14 @@ class Dispatcher:
         ticket.started = True
         ticket.queue.put_nowait(event)
         if isinstance(event, ItemError):
-            self._close(ticket)
+            self._close(ticket, "deadline" if event.status == 504 else "errored")
             return
         if event.finish_reason is not None:
             ticket.finished_choices += 1
+            ticket.failed = ticket.failed or event.finish_reason == "error"
             ticket.seq_tokens.append(event.prompt_tokens + event.completion_tokens)
             if ticket.finished_choices >= ticket.request.params.n:
-                self._close(ticket)
+                self._close(ticket, "errored" if ticket.failed else "completed")
 
     def _record(self, ticket: Ticket, event: ItemError | GenerationChunk) -> None:
         """Router-side latency figures: first event, first token, last token."""

@@ -13,7 +13,11 @@ its body, and answers refusals itself in OpenAI's error shape. Per HTTP request,
 4. with API keys, more than ``max_concurrent_per_key`` requests of one key in flight -> 429
    with ``Retry-After`` (a streamed answer counts until its last byte);
 5. a body without ``Content-Length`` (chunked) is read up to the limit: past it -> 413 and
-   what was read is dropped; within it, it is replayed to the app unchanged.
+   what was read is dropped; within it, it is replayed to the app unchanged;
+6. a response body that cannot be sent for ``stall_timeout_s`` (the client stopped reading
+   and every buffer on the way is full) marks the client stalled: the app is told the client
+   disconnected (so the request is cancelled and its cache slot freed), what it still sends
+   is dropped, and the HTTP server closes the connection.
 
 It runs twice in a Serve deployment: in Ray Serve's HTTP proxy (limits only; see
 :func:`proxy_middlewares`), so an oversized request never travels to the router replica, and
@@ -25,14 +29,18 @@ would come too late.)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.errors import APIError
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,9 +50,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+DEFAULT_STALL_TIMEOUT_S = 60.0
 # The proxy process reads its limits from these (set by app.main before Ray starts).
 ENV_MAX_BODY_BYTES = "RINGSERVE_MAX_BODY_BYTES"
 ENV_MAX_HEADER_BYTES = "RINGSERVE_MAX_HEADER_BYTES"
+ENV_STALL_TIMEOUT_S = "RINGSERVE_STREAM_STALL_TIMEOUT_S"  # "0": never
 # Ray Serve calls the function named here in its HTTP proxy for extra ASGI middleware.
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "app.edge:proxy_middlewares"
@@ -60,6 +70,7 @@ class EdgeLimits:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_concurrent_per_key: int | None = None
+    stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S  # None: never
 
 
 def _digest(key: str) -> bytes:
@@ -119,6 +130,9 @@ class EdgeGuard:
                     await self._refuse(scope, send, _too_large(limits.max_body_bytes))
                     return
                 receive = replay
+            if limits.stall_timeout_s is not None:
+                guard = StallGuard(receive, send, limits.stall_timeout_s)
+                receive, send = guard.receive, guard.send
             await self.app(scope, receive, send)
         finally:
             if key_index is not None:
@@ -164,6 +178,47 @@ class EdgeGuard:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+class StallGuard:
+    """Wraps one request's ``receive``/``send``: a body message that cannot be sent within
+    ``timeout_s`` marks the client stalled; from then on ``receive`` says the client
+    disconnected and ``send`` drops what it is given (the response stays incomplete, so the
+    HTTP server closes the connection when the app returns)."""
+
+    def __init__(self, receive: Receive, send: Send, timeout_s: float) -> None:
+        self._receive = receive
+        self._send = send
+        self._timeout_s = timeout_s
+        self.stalled = asyncio.Event()
+
+    async def send(self, message: Message) -> None:
+        if self.stalled.is_set():
+            return
+        if message["type"] != "http.response.body":
+            await self._send(message)
+            return
+        try:
+            await asyncio.wait_for(self._send(message), self._timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("client stalled: no response data accepted for %gs; closing "
+                           "its connection and cancelling its request", self._timeout_s)
+            self.stalled.set()
+
+    async def receive(self) -> Message:
+        if self.stalled.is_set():
+            return {"type": "http.disconnect"}
+        message = asyncio.ensure_future(self._receive())
+        stalled = asyncio.ensure_future(self.stalled.wait())
+        try:
+            await asyncio.wait({message, stalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stalled.cancel()
+            if not message.done():
+                message.cancel()
+        if message.done() and not message.cancelled():
+            return message.result()
+        return {"type": "http.disconnect"}
+
+
 def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key.lower() == name:
@@ -196,8 +251,14 @@ def limits_from_env() -> EdgeLimits:
         value = os.environ.get(name, "").strip()
         return int(value) if value.isdigit() and int(value) > 0 else default
 
+    stall = os.environ.get(ENV_STALL_TIMEOUT_S, "").strip()
+    try:
+        stall_s: float | None = float(stall) if stall else DEFAULT_STALL_TIMEOUT_S
+    except ValueError:
+        stall_s = DEFAULT_STALL_TIMEOUT_S
     return EdgeLimits(max_body_bytes=read(ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES),
-                      max_header_bytes=read(ENV_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_BYTES))
+                      max_header_bytes=read(ENV_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_BYTES),
+                      stall_timeout_s=stall_s if stall_s is not None and stall_s > 0 else None)
 
 
 def proxy_middlewares() -> list[Any]:
@@ -208,7 +269,12 @@ def proxy_middlewares() -> list[Any]:
     return [Middleware(EdgeGuard, limits=limits_from_env())]
 
 
-def proxy_env(max_body_bytes: int, max_header_bytes: int) -> dict[str, str]:
-    """Environment that makes Ray Serve's proxy enforce these limits (set before Ray starts)."""
-    return {PROXY_CALLBACK_ENV: PROXY_CALLBACK, ENV_MAX_BODY_BYTES: str(max_body_bytes),
-            ENV_MAX_HEADER_BYTES: str(max_header_bytes)}
+def proxy_env(max_body_bytes: int, max_header_bytes: int,
+              stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S) -> dict[str, str]:
+    """Environment that makes Ray Serve's proxy enforce these limits (set before Ray starts);
+    the stall timeout is written only where it is not the default."""
+    env = {PROXY_CALLBACK_ENV: PROXY_CALLBACK, ENV_MAX_BODY_BYTES: str(max_body_bytes),
+           ENV_MAX_HEADER_BYTES: str(max_header_bytes)}
+    if stall_timeout_s != DEFAULT_STALL_TIMEOUT_S:
+        env[ENV_STALL_TIMEOUT_S] = "0" if stall_timeout_s is None else f"{stall_timeout_s:g}"
+    return env

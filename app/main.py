@@ -92,7 +92,8 @@ def _guard_the_proxy(config: AppConfig) -> None:
         logger.warning("%s is set to %s: Serve's proxy will not enforce ringserve's size "
                        "limits (the router still does)", PROXY_CALLBACK_ENV, current)
         return
-    os.environ.update(proxy_env(config.max_body_bytes, config.max_header_bytes))
+    os.environ.update(proxy_env(config.max_body_bytes, config.max_header_bytes,
+                                config.stream_stall_timeout_s))
 
 
 def _start_serve_if_asked(config: AppConfig) -> None:

@@ -20,7 +20,7 @@ class ServeReplicaClient:
 
     def replica_ids(self) -> list[str] | None:
         ids = REPLICA_DIRECTORY.get(self._key)
-        return list(ids) if ids else None
+        return None if ids is None else list(ids)  # None: not learned yet; []: all gone
 
     async def stats(self, target: str | None) -> ReplicaSnapshot:
         return await self._handle.stats.remote(target=target)

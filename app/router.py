@@ -90,7 +90,10 @@ class Router:
         self.metrics = RouterMetrics(model_name_for(self.config.model))
         limits = AdmissionLimits(max_queue_wait_s=self.config.max_queue_wait_s,
                                  max_waiting=self.config.max_waiting_per_replica,
-                                 default_tokens_per_s=self.config.default_tokens_per_s)
+                                 default_tokens_per_s=self.config.default_tokens_per_s,
+                                 # a replica that has not answered for 3/4 of a health-check
+                                 # period is out: /health turns 503 within one period
+                                 max_report_age_s=0.75 * self.config.health_check_period_s)
         self.dispatcher = Dispatcher(
             self.client, LoadBoard(limits), batch_window_s=self.config.batch_window_ms / 1000,
             max_batch=self.config.max_batch_size, stats_interval_s=self.config.stats_interval_s,
@@ -144,8 +147,8 @@ class Router:
         async def health() -> JSONResponse:
             self.dispatcher.start()
             healthy = self.dispatcher.board.healthy_ids()
-            if not healthy:
-                await self.dispatcher.wait_ready(1.0)
+            if not healthy and not self.dispatcher.polled:
+                await self.dispatcher.wait_ready(1.0)  # a router just started: first poll
                 healthy = self.dispatcher.board.healthy_ids()
             if not healthy:
                 raise APIError(503, "no healthy LLM replica", code="no_healthy_replica")
@@ -174,7 +177,8 @@ class Router:
                                  "prefill_tokens_per_s": est.prefill_rate,
                                  "predicted_wait_s": board.predicted_wait(est)})
             return JSONResponse({"replicas": replicas,
-                                 "in_flight": self.dispatcher.in_flight()})
+                                 "in_flight": self.dispatcher.in_flight(),
+                                 "requests": self.dispatcher.tally.as_dict()})
 
         @app.post("/v1/completions", response_model=None)
         async def completions(body: CompletionRequest, response: Response
@@ -482,9 +486,35 @@ class Router:
                 for ticket in tickets:
                     self.dispatcher.cancel(ticket)
 
+        def cancel_all() -> None:
+            for ticket in tickets:
+                self.dispatcher.cancel(ticket)
+
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                    REPLICA_HEADER: _replicas(tickets)}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        return _TicketStream(body(), on_close=cancel_all, media_type="text/event-stream",
+                             headers=headers)
+
+
+class _TicketStream(StreamingResponse):
+    """A streamed answer that cancels its tickets however the response ends.
+
+    The body generator's own ``finally`` does not run when the response is cancelled while
+    it waits in ``send`` rather than inside the generator (Starlette's disconnect handling,
+    or an HTTP middleware's stream between the app and the server): the generator is then
+    left suspended, and its request would run on to the end with no one reading.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 ROUTES = frozenset({"/health", "/load", "/v1/models", "/v1/completions",

@@ -130,16 +130,19 @@ def plan_launch(args: argparse.Namespace) -> Launch:
 
 
 def edge_env(launch: Launch) -> dict[str, str]:
-    """Environment for Serve's proxy to enforce the apps' size limits (app/edge.py); with a
-    config file, the largest limits of its applications (each router checks its own)."""
+    """Environment for Serve's proxy to enforce the apps' size limits and stall timeout
+    (app/edge.py); with a config file, the largest of its applications' (each router checks
+    its own)."""
     from app.config import AppConfig
     from app.edge import proxy_env
 
     arg_sets = ([dict(a.get("args") or {}) for a in launch.config.get("applications") or []]
                 if launch.config is not None else [dict(launch.app_args)])
     configs = [AppConfig.model_validate(args) for args in arg_sets] or [AppConfig()]
+    stalls = [c.stream_stall_timeout_s for c in configs]  # the most patient app's (None: never)
     return proxy_env(max(c.max_body_bytes for c in configs),
-                     max(c.max_header_bytes for c in configs))
+                     max(c.max_header_bytes for c in configs),
+                     None if None in stalls else max(s for s in stalls if s is not None))
 
 
 def check_app_args(values: dict[str, Any]) -> None:

@@ -15,25 +15,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
-from collections.abc import Callable
 
 import torch
 
+from bench.timing import best_ms
 from model.attention import decode_attention, decode_attention_per_slot
 
 SLOTS, KV_HEADS, GROUP, ROWS, HEAD_DIM = 32, 3, 3, 1024, 64
-
-
-def _best_ms(fn: Callable[[], torch.Tensor], rounds: int) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best * 1e3
 
 
 def _measure(batch: int, k_cache: torch.Tensor, v_cache: torch.Tensor, rng: random.Random,
@@ -54,7 +42,7 @@ def _measure(batch: int, k_cache: torch.Tensor, v_cache: torch.Tensor, rng: rand
         return decode_attention_per_slot(q, k_cache, v_cache, slots, lengths)
 
     torch.testing.assert_close(per_slot(), padded(), atol=1e-5, rtol=1e-4)
-    return _best_ms(padded, rounds), _best_ms(per_slot, rounds)
+    return best_ms(padded, rounds, warmups=3), best_ms(per_slot, rounds, warmups=3)
 
 
 def main() -> None:

@@ -15,11 +15,11 @@ side in one run; prints times and the ratio; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 
+from bench.timing import best_ms
 from model.sampler import SamplingRow, make_generator, sample
 from model.sampling_params import SamplingParams
 
@@ -84,16 +84,6 @@ def _reference(rows: list[SamplingRow]) -> Callable[[torch.Tensor], list[int]]:
     return run
 
 
-def _best_ms(fn: Callable[[], object], rounds: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -107,8 +97,8 @@ def main() -> None:
           f"{torch.get_num_threads()}, best of {args.rounds}")
     print(f"{'logits':8} {'ringserve ms':>13} {'transformers ms':>16} {'ratio':>7}")
     for name, logits in (("flat", randn), ("peaked", randn * 4)):
-        ours = _best_ms(lambda logits=logits: sample(logits, rows), args.rounds)
-        theirs = _best_ms(lambda logits=logits: reference(logits), args.rounds)
+        ours = best_ms(lambda logits=logits: sample(logits, rows), args.rounds)
+        theirs = best_ms(lambda logits=logits: reference(logits), args.rounds)
         print(f"{name:8} {ours:13.1f} {theirs:16.1f} {theirs / ours:6.2f}x")
 
 

@@ -1,7 +1,7 @@
 """Integration: real Ray Serve + real engine (embedded SmolLM2-135M), loopback only.
 
-The module enters a private network namespace (root only; skipped otherwise; made with
-:mod:`cluster.isolation`) before it starts ``serve run app.main:build_app ...``: Ray binds
+The module enters a private network namespace (root only; skipped otherwise; made by
+tests/serve_harness.py) before it starts ``serve run app.main:build_app ...``: Ray binds
 ports on all interfaces, and in the namespace only loopback exists. The server process
 inherits the namespace; the test's own HTTP clients run in this thread, which is in it too.
 One Serve instance (2 LLM replicas) serves the module; teardown stops it (SIGINT, then
@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,25 +22,22 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.isolation.netns import NetNamespace, netns_supported
-from cluster.isolation.process_group import stop_process_group
-from cluster.isolation.ray_tmpdir import make_ray_tmpdir
+from cluster.isolation.netns import netns_supported
+from tests.serve_harness import ServeInstance, serve_in_netns
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 PORT = 8123
-BASE = f"http://127.0.0.1:{PORT}"
 SLOTS, QUEUE, REPLICAS = 4, 4, 2
-NETNS_PREFIX = "rstest"  # the namespace is rstest-<pid>, its RAY_TMPDIR /tmp/rst<pid>-*
-TMP_PREFIX = "rst"
+NETNS_PREFIX = "rstest"  # the namespace is rstest-<pid>, its RAY_TMPDIR /tmp/rstest<pid>-*
 PROMPT = "The capital of France is"
 CHAT_PROMPT = "Name three colors."
 SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_len=512",
                f"max_waiting_per_replica={QUEUE}", "batch_window_ms=5", "replica_num_cpus=0.5",
-               "router_num_cpus=0.25", f"port={PORT}", "host=127.0.0.1"]
+               "router_num_cpus=0.25"]
 BIN = Path(sys.executable).parent
-NETNS: list[NetNamespace] = []  # the module's network namespace, once the fixture made it
+INSTANCE: list[ServeInstance] = []  # the module's Serve, once the fixture started it
 MB = 1024 * 1024
 
 
@@ -70,41 +64,9 @@ def references() -> Iterator[dict[str, Any]]:
 def server(references: dict[str, Any]) -> Iterator[str]:
     if not netns_supported():
         pytest.skip("needs root and iproute2 for a private network namespace")
-    namespace = NetNamespace.create(NETNS_PREFIX)
-    NETNS[:] = [namespace]
-    proc: subprocess.Popen[bytes] | None = None
-    tmp = make_ray_tmpdir(TMP_PREFIX)
-    log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - closed in teardown
-    try:
-        with namespace.entered():  # this thread (the test's HTTP clients) and serve run
-            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-            env.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(tmp))
-            proc = subprocess.Popen([str(BIN / "serve"), "run", "app.main:build_app",
-                                     *SERVER_ARGS], cwd=Path(__file__).resolve().parents[1],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            _wait_healthy(proc, tmp / "serve.log")
-            yield BASE
-    finally:
-        if proc is not None:
-            stop_process_group(proc, threading.Event(), waits_s=(60.0, 10.0))
-        namespace.delete()  # outside it: Ray daemons left in the namespace are ours
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        assert time.monotonic() < deadline, "Serve did not become healthy"
-        try:
-            r = httpx.get(f"{BASE}/health", timeout=5)
-            if r.status_code == 200 and r.json()["healthy_replicas"] == REPLICAS:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
+    with serve_in_netns(NETNS_PREFIX, SERVER_ARGS, PORT, REPLICAS, start_timeout_s=240) as serve:
+        INSTANCE[:] = [serve]
+        yield serve.base
 
 
 def load(base: str) -> list[dict[str, Any]]:
@@ -228,16 +190,7 @@ def test_bad_requests_are_4xx_and_server_stays_up(server: str, path: str, body: 
 
 def _serve_process(role: str) -> int:
     """Pid of the one process of our namespace whose title names ``role``."""
-    found = []
-    for pid in NETNS[0].pids():
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if role in title:
-            found.append(pid)
-    assert len(found) == 1, (role, found)
-    return found[0]
+    return INSTANCE[0].serve_process(role)
 
 
 def _memory_kb(pid: int) -> dict[str, int]:

@@ -18,6 +18,11 @@ RINGSERVE_NODES_TIMEOUT_S=${RINGSERVE_NODES_TIMEOUT_S:-600}
 RINGSERVE_READY_TIMEOUT_S=${RINGSERVE_READY_TIMEOUT_S:-1800}
 export RAY_USAGE_STATS_ENABLED=0 SKYPILOT_DISABLE_USAGE_COLLECTION=1
 unset RAY_ADDRESS  # every Ray call here names our cluster; never SkyPilot's own Ray
+# Serve's HTTP proxy enforces ringserve's body/header limits and the stalled-stream timeout
+# before a body is buffered (app/edge.py): Ray's processes inherit this from `ray start`.
+# Limits other than the defaults: RINGSERVE_MAX_BODY_BYTES / RINGSERVE_MAX_HEADER_BYTES /
+# RINGSERVE_STREAM_STALL_TIMEOUT_S in the task's envs.
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=app.edge:proxy_middlewares
 PATH="$RINGSERVE_VENV/bin:$PATH"
 export PATH
 

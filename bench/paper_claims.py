@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import QUERY_BLOCK, prefill_attention
-from model.kv_cache import CacheGeometry, buffer_len_for
+from model.cache_layout import buffer_len_for
+from model.kv_cache import CacheGeometry
 
 GIB = 1024**3
 

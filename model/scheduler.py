@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from model.kv_cache import SlotAllocator
+from model.cache_layout import SlotAllocator
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from model.kv_cache import SlotAllocator, rolling_rows, visible_history
+from model.cache_layout import SlotAllocator, rolling_rows, visible_history
 from model.scheduler import Scheduler, SchedulerConfig
 
 

@@ -11,7 +11,7 @@ import torch
 from model.engine import Engine, EngineRequestError
 from model.engine_args import EngineArgs
 from model.kv_cache import CacheGeometry, KVCachePool, SequenceChunk
-from model.requests import GenerationRequest
+from model.requests import GenerationChunk, GenerationRequest
 from model.sampling_params import SamplingParams
 from model.scheduler import ScheduledChunk
 from model.transformer import Transformer
@@ -164,6 +164,21 @@ def test_streaming_and_cancel_free_the_slot_within_one_step(engine: Engine) -> N
     assert leaked == 0
 
 
+def test_abort_frees_the_slot_at_the_very_next_step(engine: Engine) -> None:
+    total = engine.cache.num_slots
+    engine.add(GenerationRequest("doomed", prompt(6, 5), greedy(200)))
+    for _ in range(3):  # prefill, then decodes: the request holds a slot
+        engine.step()
+    assert engine.stats().free_slots == total - 1
+    engine.abort("doomed")
+    assert engine.stats().free_slots == total - 1  # nothing happens until a step runs
+    outputs = engine.step()
+    assert [(c.request_id, c.finish_reason) for c in outputs
+            if isinstance(c, GenerationChunk)] == [("doomed", "abort")]
+    assert len(outputs) == 1
+    assert engine.stats().free_slots == total and not engine.has_work
+
+
 def test_stats_report_load_and_a_busy_time_drain_rate(engine: Engine) -> None:
     requests = [GenerationRequest(f"load{i}", prompt(30, 200 + i), greedy(4)) for i in range(3)]
     for request in requests:
@@ -196,18 +211,17 @@ def test_rates_count_busy_time_and_outlive_idle_spells(engine: Engine, monkeypat
     """Drain rate = tokens / busy seconds of recent steps; prefill rate = prompt tokens /
     seconds of the steps that ran prompt chunks; the last RATE_MIN_STEPS steps of each are
     kept whatever their age, so an idle spell neither dilutes nor forgets them."""
-    import model.engine as engine_module
+    import model.engine.step_metrics as step_metrics_module
 
     clock = FakeClock()
-    monkeypatch.setattr(engine_module, "time", clock)
-    monkeypatch.setattr(engine, "_throughput", type(engine._throughput)())
-    monkeypatch.setattr(engine, "_prefill_throughput", type(engine._prefill_throughput)())
+    monkeypatch.setattr(step_metrics_module, "time", clock)
+    monkeypatch.setattr(engine, "step_metrics", step_metrics_module.StepMetrics())
 
     def step(start_pos: int, num_tokens: int, seconds: float) -> None:
         started = clock.now
         clock.now += seconds
-        engine._record_throughput(started, [ScheduledChunk("s", 0, start_pos, num_tokens,
-                                                           samples=True)])
+        engine.step_metrics.record_throughput(
+            started, [ScheduledChunk("s", 0, start_pos, num_tokens, samples=True)])
 
     step(0, 48, 0.05)  # a 48-token prompt chunk
     for i in range(24):  # then 24 decode steps
@@ -215,10 +229,10 @@ def test_rates_count_busy_time_and_outlive_idle_spells(engine: Engine, monkeypat
     stats = engine.stats()
     assert stats.prefill_tokens_per_s == pytest.approx(48 / 0.05)
     assert stats.tokens_per_s == pytest.approx((48 + 24) / (0.05 + 24 * 0.04))
-    clock.now += 10 * engine_module.THROUGHPUT_WINDOW_S  # idle: no steps at all
+    clock.now += 10 * step_metrics_module.THROUGHPUT_WINDOW_S  # idle: no steps at all
     assert engine.stats().tokens_per_s == pytest.approx(stats.tokens_per_s)
     step(0, 2, 0.04)  # a tiny prompt step after the idle spell
-    keep = engine_module.RATE_MIN_STEPS
+    keep = step_metrics_module.RATE_MIN_STEPS
     after = engine.stats()
     # both prompt steps are within the last RATE_MIN_STEPS prompt steps: the rate blends them
     assert after.prefill_tokens_per_s == pytest.approx((48 + 2) / (0.05 + 0.04))

@@ -13,7 +13,8 @@ import asyncio
 import pytest
 import torch
 
-import model.engine as engine_module
+import model.engine.model_runner as model_runner_module
+import model.engine.output_processor as output_processor_module
 from model.engine import Engine
 from model.engine_args import EngineArgs
 from model.requests import GenerationChunk, GenerationRequest
@@ -93,7 +94,7 @@ def check_isolated(engine: Engine, results: list[list[GenerationChunk]],
     assert all(c.finish_reason in (None, "error") for c in bad)
     # nothing is left behind, and the engine goes on serving
     assert engine.healthy and engine.cache.allocator.num_free == engine.cache.num_slots
-    assert not engine._sequences and not engine._requests
+    assert not engine.sequences and not engine.request_sequences
     again = others()[0]
     assert [c.token_ids for c in engine.run_to_completion([again])] == solo(engine, again)
 
@@ -117,7 +118,7 @@ def test_a_seed_that_slipped_past_validation_fails_alone(engine: Engine) -> None
 def test_a_request_whose_sampling_raises_fails_alone(engine: Engine,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     doomed = SamplingParams(max_tokens=30, temperature=0.7, seed=5, ignore_eos=True)
-    real_sample = engine_module.sample
+    real_sample = model_runner_module.sample
     calls = {"batched": 0}
 
     def sample(logits, rows):  # noqa: ANN001, ANN202 - the sampler's own signature
@@ -132,7 +133,7 @@ def test_a_request_whose_sampling_raises_fails_alone(engine: Engine,
             raise RuntimeError("injected sampling failure")
         return real_sample(logits, rows)
 
-    monkeypatch.setattr(engine_module, "sample", sample)
+    monkeypatch.setattr(model_runner_module, "sample", sample)
     results, bad = run_with_intruder(engine, GenerationRequest("sampler", prompt(9, 5), doomed))
     assert sum(len(c.token_ids) for c in bad) == 3 and calls["batched"] > 0
     check_isolated(engine, results, bad, n_bad=1)
@@ -141,18 +142,18 @@ def test_a_request_whose_sampling_raises_fails_alone(engine: Engine,
 def test_a_request_whose_detokenizing_raises_fails_alone(engine: Engine,
                                                          monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
-    real_push = engine_module.IncrementalDetokenizer.push
+    real_push = output_processor_module.IncrementalDetokenizer.push
     counts: dict[int, int] = {}
 
     def push(self, token_id: int) -> str:  # noqa: ANN001 - the detokenizer's own signature
-        seq = next((s for s in engine._sequences.values() if s.detokenizer is self), None)
+        seq = next((s for s in engine.sequences.values() if s.detokenizer is self), None)
         if seq is not None and seq.request.request_id == "detok":
             counts[seq.index] = counts.get(seq.index, 0) + 1
             if seq.index == 1 and counts[1] == 4:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
         return real_push(self, token_id)
 
-    monkeypatch.setattr(engine_module.IncrementalDetokenizer, "push", push)
+    monkeypatch.setattr(output_processor_module.IncrementalDetokenizer, "push", push)
     params = SamplingParams(max_tokens=30, temperature=0.0, n=2, ignore_eos=True)
     results, bad = run_with_intruder(engine, GenerationRequest("detok", prompt(8, 6), params))
     # choice 1 raised on its 4th token: the whole request (both choices) ends with error

@@ -1,0 +1,109 @@
+"""Building an engine from ``EngineArgs``: device, dtype, weights, tokenizer, cache pool.
+
+Kept apart from the step loop: this runs once per replica, and everything it decides (which
+device, which dtype, how many sequences the KV budget holds) is fixed afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.default_model import default_model_path, model_name_for
+from model.engine.types import EngineRequestError
+from model.engine_args import EngineArgs
+from model.kv_cache import CacheGeometry, KVCachePool
+from model.omp_threads import release_omp_threads
+from model.quantization import resolve_quantization
+from model.scheduler import SchedulerConfig
+from model.tokenizers import Tokenizer, load_tokenizer
+from model.transformer import Transformer
+from model.weights import load_weights
+
+DEFAULT_CPU_KV_BYTES = 2 * 1024**3
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is fp32 on CPU (bf16 matmuls are much slower on AVX2) and bf16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """Bytes for the KV pool when the args name none: 90% of free memory on CUDA, 2 GiB on CPU."""
+    if device.type == "cuda":  # pragma: no cover - CUDA only
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9)
+    return DEFAULT_CPU_KV_BYTES
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    """Everything an engine is built from (what ``EngineCore.__init__`` takes)."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    cache: KVCachePool
+    scheduler_config: SchedulerConfig
+    max_model_len: int
+    model_name: str
+
+
+def build_engine_parts(args: EngineArgs) -> EngineParts:
+    """Load weights and tokenizer from ``args.model`` (the embedded model when None) and size
+    the KV pool and the scheduler for them."""
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    is_default = args.model in (None, "", "default")
+    path = default_model_path() if is_default else Path(str(args.model))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    quantization = resolve_quantization(args.quantization, device, dtype)
+    loaded = load_weights(path, progress=args.progress, quantization=quantization)
+    config: ModelConfig = loaded.config
+    if args.full_attention:
+        config = config.with_window(None)
+    elif args.window is not None:
+        config = config.with_window(args.window)
+    model = Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device,
+                                     quantization=quantization, scales=loaded.scales)
+    del loaded
+    tokenizer = load_tokenizer(path)
+    max_model_len = args.max_model_len or min(config.max_position_embeddings,
+                                              DEFAULT_MAX_MODEL_LEN)
+    cache = _cache_pool(args, config, max_model_len, dtype, device)
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=cache.num_slots,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, cache.num_slots),
+        prefill_chunk=args.prefill_chunk or args.max_num_batched_tokens,
+    )
+    release_omp_threads()  # the loading thread's workers would throttle the stepping one's
+    return EngineParts(model, tokenizer, cache, scheduler_config, max_model_len,
+                       model_name_for(args.model))
+
+
+def _cache_pool(args: EngineArgs, config: ModelConfig, max_model_len: int, dtype: torch.dtype,
+                device: torch.device) -> KVCachePool:
+    geometry = CacheGeometry.for_model(config, max_model_len, dtype)
+    budget = args.kv_cache_memory or default_kv_budget(device)
+    num_slots = min(args.max_num_seqs, geometry.slots_for_budget(budget))
+    if num_slots < 1:
+        raise EngineRequestError(
+            f"KV cache budget {budget} bytes holds no sequence: one slot needs "
+            f"{geometry.bytes_per_slot} bytes (lower max_model_len or raise kv_cache_memory)")
+    return KVCachePool(geometry, num_slots, dtype, device)

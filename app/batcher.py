@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-SendFn = Callable[[str, list[T]], Awaitable[None]]
+SendFn = Callable[[str, list[T]], Coroutine[Any, Any, None]]
 
 
 def spawn(coro: Coroutine[Any, Any, R]) -> asyncio.Task[R]:

@@ -70,7 +70,8 @@ def main() -> int:
         config = AppConfig(quantization=quantization, max_model_len=1024, max_num_seqs=16,
                            kv_cache_memory=512 * 1024**2, replica_torch_threads=args.threads)
         engine = build_engine(config.engine_args(), config)
-        client = InProcessClient(LLMServer(lambda e=engine: e, replica_id="r0"))
+        # the factory is called at once, so the loop variable is read before it moves on
+        client = InProcessClient(LLMServer(lambda: engine, replica_id="r0"))  # noqa: B023
         router = Router(client, config)
         server = uvicorn.Server(uvicorn.Config(router.http_app, host="127.0.0.1",
                                                port=args.port + offset, log_level="warning"))

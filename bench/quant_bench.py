@@ -18,6 +18,7 @@ and reported best-of-``--rounds``, so machine noise hits both alike. Prints; ass
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -60,9 +61,9 @@ def kernels(rounds: int) -> None:
                 x = torch.randn(batch, fan_in, generator=gen)
                 reps = max(5, int(2e7 / (fan_in * fan_out * max(batch, 4))))
                 t = _best_interleaved({
-                    "fp32": lambda x=x, w=weight_t: x @ w,
-                    "int8": lambda x=x, p=proj: p(x),
-                    "raw": lambda x=x, p=packed: torch.ops.quantized.linear_dynamic(x, p, False),
+                    "fp32": functools.partial(torch.matmul, x, weight_t),
+                    "int8": functools.partial(proj, x),
+                    "raw": functools.partial(torch.ops.quantized.linear_dynamic, x, packed, False),
                 }, reps, rounds)
                 print(f"{f'{name} {fan_in}x{fan_out}':<22}{batch:>6}{t['fp32'] * 1e6:>10.1f}"
                       f"{t['int8'] * 1e6:>10.1f}{t['fp32'] / t['int8']:>7.2f}x"

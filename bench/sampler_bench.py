@@ -15,7 +15,9 @@ side in one run; prints times and the ratio; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -63,7 +65,8 @@ def _reference(rows: list[SamplingRow]) -> Callable[[torch.Tensor], list[int]]:
                 procs.append(TopPLogitsWarper(p.top_p))
             if p.min_p:
                 procs.append(MinPLogitsWarper(p.min_p))
-        history = torch.tensor([[*row.prompt_token_ids, *row.output_token_ids]])
+        history = cast(torch.LongTensor,
+                       torch.tensor([[*row.prompt_token_ids, *row.output_token_ids]]))
         per_row.append((p, procs, history))
 
     def run(logits: torch.Tensor) -> list[int]:
@@ -97,8 +100,8 @@ def main() -> None:
           f"{torch.get_num_threads()}, best of {args.rounds}")
     print(f"{'logits':8} {'ringserve ms':>13} {'transformers ms':>16} {'ratio':>7}")
     for name, logits in (("flat", randn), ("peaked", randn * 4)):
-        ours = best_ms(lambda logits=logits: sample(logits, rows), args.rounds)
-        theirs = best_ms(lambda logits=logits: reference(logits), args.rounds)
+        ours = best_ms(functools.partial(sample, logits, rows), args.rounds)
+        theirs = best_ms(functools.partial(reference, logits), args.rounds)
         print(f"{name:8} {ours:13.1f} {theirs:16.1f} {theirs / ours:6.2f}x")
 
 

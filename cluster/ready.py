@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import urllib.error
@@ -34,7 +35,7 @@ def wait_nodes(address: str, count: int, deadline: float) -> list[str]:
     """Connect to the cluster at ``address``; wait for ``count`` alive nodes; their IPs."""
     import ray
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
         ips = alive_node_ips()
         while len(ips) < count and time.monotonic() < deadline:

@@ -11,6 +11,7 @@ the two-node test the placement.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -38,7 +39,7 @@ def probe(address: str) -> dict[str, Any]:
 
     from app.main import LLM_DEPLOYMENT
 
-    ray.init(address=address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, namespace="serve", logging_level=logging.ERROR, log_to_driver=False)
     try:
         replicas = []
         for entry in ray.util.list_named_actors(all_namespaces=True):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 # none | int8 | auto (see EngineArgs.quantization); the CLI, AppConfig and EngineArgs share it
-DEFAULT_QUANTIZATION = "none"
+DEFAULT_QUANTIZATION: Final = "none"
 
 
 @dataclass(frozen=True)

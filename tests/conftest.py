@@ -147,7 +147,8 @@ def make_local_cluster(replicas: int = 2, **engine_kwargs) -> LocalClient:
     servers = {}
     for i in range(replicas):
         engine = FakeEngine(**engine_kwargs)
-        servers[f"r{i}"] = LLMServer(lambda e=engine: e, replica_id=f"r{i}",
+        # the factory is called at once, so the loop variable is read before it moves on
+        servers[f"r{i}"] = LLMServer(lambda: engine, replica_id=f"r{i}",  # noqa: B023
                                      status_of=fake_status)
     return LocalClient(servers)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-import sky
+import sky  # SkyPilot, in .venv/sky only (mypy: the repo's sky/ folder holds YAMLs)
 
 GIVEN_SECRETS = [("HF_TOKEN", "hf_test"), ("RINGSERVE_API_KEYS", "sk-test")]
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -45,13 +46,15 @@ def test_builder_binds_the_configured_deployments() -> None:
     app = build_app({"num_replicas": 2, "replica_num_gpus": 0, "replica_num_cpus": 0.25,
                      "router_num_cpus": 0.1, "max_num_seqs": 7})
     router = app._bound_deployment
-    llm_app = router.init_args[0]
+    assert router.ray_actor_options is not None
+    router_args: tuple[Any, ...] = router.init_args
+    llm_app = router_args[0]
     llm = llm_app._bound_deployment
     assert (router.name, llm.name) == ("Router", "LLMServer")
     assert router.ray_actor_options["num_cpus"] == 0.1
     assert llm.num_replicas == 2
     assert llm.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.0}
-    assert router.init_args[1]["max_num_seqs"] == 7  # the router gets the whole config
+    assert router_args[1]["max_num_seqs"] == 7  # the router gets the whole config
     assert llm.init_args[0].args[0].max_num_seqs == 7  # and the engine factory its args
     scaled = build_app({"autoscaling": {"min_replicas": 1, "max_replicas": 3},
                         "replica_num_gpus": 0})._bound_deployment.init_args[0]._bound_deployment

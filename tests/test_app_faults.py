@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
@@ -251,7 +252,7 @@ async def raw_stream(app: Any, body: dict[str, Any], read: Any) -> list[bytes]:
         await disconnected.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.body":
             await read(len(chunks))
             chunks.append(message.get("body", b""))
@@ -341,12 +342,12 @@ def test_stall_guard_passes_a_reading_client_through_untouched() -> None:
             await send({"type": "http.response.body", "body": b"x%d" % i, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"{}", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         await asyncio.sleep(0.01)
         sent.append(message)
 
@@ -376,7 +377,10 @@ def test_stall_timeout_knob_reaches_the_proxy(monkeypatch: Any) -> None:
     config = {"applications": [{"args": {"stream_stall_timeout_s": 5}}, {"args": {}}]}
     assert "RINGSERVE_STREAM_STALL_TIMEOUT_S" not in edge_env(
         Launch({}, config, "127.0.0.1", 8000))  # the default 60 s, the more patient
-    assert EdgeGuard(lambda *a: None, EdgeLimits()).limits.stall_timeout_s == 60.0
+    async def inner_app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    assert EdgeGuard(inner_app, EdgeLimits()).limits.stall_timeout_s == 60.0
 
 
 # Counters -------------------------------------------------------------------------------

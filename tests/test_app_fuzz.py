@@ -90,7 +90,7 @@ def check(response: httpx.Response, case: Any) -> None:
         assert isinstance(response.json(), dict), where
 
 
-def run_operation(app: AppThread, operation: Any, mode: GenerationMode) -> None:
+def run_operation(app: AppThread, operation: Any, mode: Any) -> None:
     strategy = operation.as_strategy(generation_mode=mode)
 
     @settings(max_examples=EXAMPLES.get(operation.method.upper(), 10), deadline=None,

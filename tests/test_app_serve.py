@@ -99,6 +99,7 @@ def test_openai_sdk_matches_engine_cli(server: str, references: dict[str, Any]) 
                                             max_tokens=8, temperature=0, stream=True)
     pieces, finish = [], None
     for chunk in stream:
+        assert isinstance(chunk, openai.types.chat.ChatCompletionChunk)
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
@@ -263,7 +264,7 @@ def test_oversized_headers_are_refused(server: str) -> None:
 def test_bad_input_fails_alone_while_a_concurrent_request_completes(
         server: str, references: dict[str, Any]) -> None:
     good = {"model": MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
-    bad_bodies = [
+    bad_bodies: list[dict[str, Any]] = [
         {**good, "seed": 2**70},  # was: a 500 for this request and every one in its step
         {**good, "prompt": "caf\ud800"},
         {"model": MODEL, "messages": [{"role": "user", "content": "\udfff"}]},

@@ -47,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length)) if length else None
+        body: Any = json.loads(self.rfile.read(length)) if length else None
         stub = self.server
         stub.requests.append((self.command, self.path, body,
                               self.headers.get("Authorization", "")))

@@ -11,7 +11,13 @@ import pytest
 
 import app.metrics as metrics
 from app.metrics import METRICS, MetricSpec, ReplicaMetrics, RouterMetrics, exported_names
-from model.requests import EngineStats, GenerationChunk, SequenceTiming, StepRecord
+from model.requests import (
+    EngineStats,
+    FinishReason,
+    GenerationChunk,
+    SequenceTiming,
+    StepRecord,
+)
 
 
 class FakeMetric:
@@ -98,7 +104,7 @@ def test_replica_poll_sets_every_gauge_and_counts_growth_once(recorded) -> None:
     assert all(c[2]["model"] == "m" for spec in METRICS for c in calls(recorded, spec))
 
 
-def _chunk(index: int, tokens: int, done: int, finish: str | None = None,
+def _chunk(index: int, tokens: int, done: int, finish: FinishReason | None = None,
            timing: SequenceTiming | None = None) -> GenerationChunk:
     return GenerationChunk("r", index, "x", tuple(range(tokens)), finish_reason=finish,
                            prompt_tokens=40, completion_tokens=done, timing=timing)

@@ -127,7 +127,7 @@ def mistral_common_ids(reference: Any, conversation: list[dict[str, str]]) -> li
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
     kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-    request = ChatCompletionRequest(
+    request: ChatCompletionRequest = ChatCompletionRequest(
         messages=[kinds[m["role"]](content=m["content"]) for m in conversation])
     return list(reference.encode_chat_completion(request).tokens)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from model.transformer import Transformer
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_hf_checkpoint
 
-SIZES = dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8, num_kv_heads=2)
+SIZES: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=8,
+                             num_kv_heads=2)
 
 
 @pytest.mark.parametrize(("model_type", "window"), [("mistral", 16), ("llama", None)])

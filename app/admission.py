@@ -1,30 +1,35 @@
 """Admission control: where each request goes, or why it is refused (pure Python, no Ray).
 
-The router keeps a :class:`LoadBoard`: the latest load each replica reported (polled every
-``stats_interval_s``) plus the requests this router sent it since that poll, which the report
-cannot contain yet. From that estimate it predicts how long a new request would queue::
+The router keeps a :class:`LoadBoard`: the latest load each replica reported (an
+:class:`~app.load.ReplicaLoad`, polled every ``stats_interval_s``) plus the requests this router
+sent it since that poll, which the report cannot contain yet: together a
+:class:`~app.load.LoadEstimate`. From that estimate it predicts how long a new request would
+queue::
 
-    slots_short = max(0, waiting_seqs + n - free_slots)     # sequences that must wait for a slot
-    predicted_wait = waiting_tokens / prefill_rate + slots_short * seq_tokens / drain_rate
+    short = max(0, waiting_sequences + n - free_slots)   # sequences that must wait for room
+    predicted_wait = waiting_tokens / prefill_tokens_per_s + short * seq_tokens / tokens_per_s
 
 ``waiting_tokens`` are prompt tokens not yet prefilled; the replica works through them at its
-measured ``prefill_rate`` (prompt tokens/s in steps that ran prompt chunks: many times the
-decode rate, as a step's cost hardly grows with its token count). A sequence that finds no free
-slot waits for a running one to finish, which takes about ``seq_tokens`` (the measured mean
-tokens of a finished sequence, prompt + output) of the replica's work at ``drain_rate``, its
-measured tokens/s overall. Worked example: 4 slots all busy, 2 sequences waiting with 60 prompt
-tokens, sequences average 100 tokens, the replica prefills 600 and drains 200 tokens/s; a new
-n=1 request finds slots_short = 2 + 1 - 0 = 3, predicted_wait = 60/600 + 3*100/200 = 1.6 s.
-A burst into free slots costs only prefill time: 16 requests of 140 prompt tokens into 16 free
-slots at 1000 prompt tokens/s predict 2.24 s for the last one, whatever the decode rate.
+measured ``prefill_tokens_per_s`` (in steps that ran prompt chunks: many times the decode rate,
+as a step's cost hardly grows with its token count). A sequence that finds no room waits for a
+running one to finish, which takes about ``seq_tokens`` (the measured mean tokens of a finished
+sequence, prompt + output) of the replica's work at ``tokens_per_s``, its measured rate
+overall. Worked example: 4 slots all busy, 2 sequences waiting with 60 prompt tokens,
+sequences average 100 tokens, the replica prefills 600 and drains 200 tokens/s; a new n=1
+request finds short = 2 + 1 - 0 = 3, predicted_wait = 60/600 + 3*100/200 = 1.6 s. A burst into
+free slots costs only prefill time: 16 requests of 140 prompt tokens into 16 free slots at
+1000 prompt tokens/s predict 2.24 s for the last one, whatever the decode rate.
 
-A request goes to the replica with the smallest predicted wait (ties: more free slots, then
+How much room a replica has is read in one place, :meth:`LoadBoard.room` (today the slot
+cache's free slots; a paged cache's free blocks go there).
+
+A request goes to the replica with the smallest predicted wait (ties: more room to spare, then
 fewer running sequences), so an idle replica always wins over one with a queue. It is shed
 (429) when on every healthy replica either the wait exceeds ``max_queue_wait_s`` or the
-sequences short of a slot would exceed ``max_waiting`` ("queue full"). ``Retry-After`` is the
-time the best replica needs, at its measured drain rate, to drain the excess:
-``(predicted_wait - max_queue_wait_s)`` or ``excess_seqs * seq_tokens / drain_rate``, rounded
-up to whole seconds (at least 1).
+sequences short of room would exceed ``max_waiting`` ("queue full"). ``Retry-After`` is the
+time the best replica needs, at its measured rate, to drain the excess:
+``(predicted_wait - max_queue_wait_s)`` or ``excess * seq_tokens / tokens_per_s``, rounded up
+to whole seconds (at least 1).
 """
 
 from __future__ import annotations
@@ -34,34 +39,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class ReplicaSnapshot:
-    """One replica's load as it reported it (the engine's EngineStats plus who it is)."""
-
-    replica_id: str
-    waiting_requests: int
-    waiting_tokens: int
-    running_sequences: int
-    free_slots: int
-    total_slots: int
-    tokens_per_s: float
-    prefill_tokens_per_s: float
-    healthy: bool
+from app.load import LoadEstimate, ReplicaLoad
 
 
 @dataclass(frozen=True)
-class LoadEstimate:
-    """A replica's load as the router believes it now (snapshot + unreported dispatches)."""
+class Room:
+    """A replica's cache room as a request of ``seqs`` sequences would find it."""
 
-    replica_id: str
-    waiting_seqs: int
-    waiting_tokens: int
-    running_seqs: int
-    free_slots: int
-    total_slots: int
-    drain_rate: float  # tokens/s, measured (or the prior until measured)
-    prefill_rate: float  # prompt tokens/s, measured (or the drain rate until measured)
+    short: int  # sequences (those queued, then the request's) that must wait for room
+    spare: int  # room left once the queued sequences have theirs (ties: more is better)
+    default_max_waiting: int  # how many may wait when AdmissionLimits.max_waiting is None
 
 
 @dataclass(frozen=True)
@@ -91,7 +78,7 @@ class AdmissionLimits:
     """The shedding knobs (see AppConfig)."""
 
     max_queue_wait_s: float = 10.0
-    max_waiting: int | None = None  # queued sequences per replica; None: the replica's slots
+    max_waiting: int | None = None  # queued sequences per replica; None: LoadBoard.room's
     default_tokens_per_s: float = 50.0
     # A replica whose last answered poll was sent longer ago than this is not routed to (and
     # /health counts it out): a hung or vanished replica stops looking healthy. None: never.
@@ -108,8 +95,8 @@ class _Sent:
 
 @dataclass
 class _Replica:
-    snapshot: ReplicaSnapshot | None = None
-    polled_at: float = -math.inf  # when the poll that produced `snapshot` was sent
+    report: ReplicaLoad | None = None
+    polled_at: float = -math.inf  # when the poll that produced `report` was sent
     unreachable: bool = False
 
 
@@ -136,19 +123,18 @@ class LoadBoard:
     def replica_ids(self) -> list[str]:
         return sorted(self._replicas)
 
-    def report(self, snapshot: ReplicaSnapshot, polled_at: float,
-               target: str | None = None) -> None:
+    def report(self, load: ReplicaLoad, polled_at: float, target: str | None = None) -> None:
         """A replica answered a poll sent at ``polled_at`` (router clock) to ``target``.
 
         An answer from another replica than the one targeted means the target is gone (Serve
         routes a call whose target has vanished to any replica): the target is unreachable.
         """
-        if target is not None and target != snapshot.replica_id:
+        if target is not None and target != load.replica_id:
             self.unreachable(target)
-        rep = self._replicas.setdefault(snapshot.replica_id, _Replica())
+        rep = self._replicas.setdefault(load.replica_id, _Replica())
         if polled_at < rep.polled_at:
             return  # an older answer overtaken by a newer one
-        rep.snapshot, rep.polled_at, rep.unreachable = snapshot, polled_at, False
+        rep.report, rep.polled_at, rep.unreachable = load, polled_at, False
 
     def unreachable(self, replica_id: str) -> None:
         """A poll failed or timed out: route nothing there until it answers again."""
@@ -194,24 +180,27 @@ class LoadBoard:
     # Estimates and decisions ------------------------------------------------------------
     def estimate(self, replica_id: str) -> LoadEstimate:
         rep = self._replicas[replica_id]
-        snap = rep.snapshot
         unreported = [s for s in self._sent.values() if s.replica_id == replica_id
                       and (s.sent_at is None or s.sent_at >= rep.polled_at)]
-        waiting = sum(s.seqs for s in unreported)
+        seqs = sum(s.seqs for s in unreported)
         tokens = sum(s.prompt_tokens for s in unreported)
-        if snap is None:
-            prior = self.limits.default_tokens_per_s
-            return LoadEstimate(replica_id, waiting, tokens, 0, 0, 0, prior, prior)
-        rate = snap.tokens_per_s if snap.tokens_per_s > 0 else self.limits.default_tokens_per_s
-        prefill_rate = snap.prefill_tokens_per_s if snap.prefill_tokens_per_s > 0 else rate
-        return LoadEstimate(replica_id, snap.waiting_requests + waiting,
-                            snap.waiting_tokens + tokens, snap.running_sequences,
-                            snap.free_slots, snap.total_slots, rate, prefill_rate)
+        stats = rep.report.stats if rep.report is not None else None
+        measured = stats.tokens_per_s if stats is not None else 0.0
+        rate = measured if measured > 0 else self.limits.default_tokens_per_s
+        prefill = stats.prefill_tokens_per_s if stats is not None else 0.0
+        return LoadEstimate(replica_id, stats, seqs, tokens, rate,
+                            prefill if prefill > 0 else rate)
+
+    def room(self, est: LoadEstimate, seqs: int = 1) -> Room:
+        """The one place admission reads a replica's capacity: free slots of the slot cache
+        (one per sequence), ``seqs`` more sequences arriving behind those already queued."""
+        return Room(short=max(0, est.waiting_sequences + seqs - est.free_slots),
+                    spare=est.free_slots - est.waiting_sequences,
+                    default_max_waiting=est.total_slots)
 
     def predicted_wait(self, est: LoadEstimate, seqs: int = 1) -> float:
-        short = max(0, est.waiting_seqs + seqs - est.free_slots)
-        return (est.waiting_tokens / est.prefill_rate
-                + short * self.seq_tokens / est.drain_rate)
+        return (est.waiting_tokens / est.prefill_tokens_per_s
+                + self.room(est, seqs).short * self.seq_tokens / est.tokens_per_s)
 
     def admit(self, request_id: str, prompt_tokens: int, seqs: int = 1,
               force: bool = False) -> Admission:
@@ -226,12 +215,13 @@ class LoadBoard:
         best: tuple[tuple[float, int, int, str], LoadEstimate] | None = None
         refusals: list[Shed] = []
         for est in candidates:
+            room = self.room(est, seqs)
             wait = self.predicted_wait(est, seqs)
             max_waiting = (self.limits.max_waiting if self.limits.max_waiting is not None
-                           else est.total_slots)
-            excess = est.waiting_seqs + seqs - est.free_slots - max_waiting
+                           else room.default_max_waiting)
+            excess = room.short - max_waiting
             if excess > 0 and not force:
-                retry = excess * self.seq_tokens / est.drain_rate
+                retry = excess * self.seq_tokens / est.tokens_per_s
                 refusals.append(Shed("queue_full", _ceil_s(retry), wait,
                                      "the waiting queue is full"))
                 continue
@@ -240,8 +230,7 @@ class LoadBoard:
                                      wait, f"predicted queue wait {wait:.1f}s exceeds "
                                      f"{self.limits.max_queue_wait_s:g}s"))
                 continue
-            free_after = est.free_slots - est.waiting_seqs
-            key = (wait, -free_after, est.running_seqs + self.in_flight(est.replica_id),
+            key = (wait, -room.spare, est.running_sequences + self.in_flight(est.replica_id),
                    est.replica_id)
             if best is None or key < best[0]:
                 best = (key, est)
@@ -256,7 +245,7 @@ class LoadBoard:
 
 
 def _usable(rep: _Replica) -> bool:
-    return rep.snapshot is not None and rep.snapshot.healthy and not rep.unreachable
+    return rep.report is not None and rep.report.healthy and not rep.unreachable
 
 
 def _ceil_s(seconds: float) -> int:

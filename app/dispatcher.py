@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.admission import Accepted, Admission, LoadBoard, NoReplica, ReplicaSnapshot, Shed
+from app.admission import Accepted, Admission, LoadBoard, NoReplica, Shed
 from app.batcher import MicroBatcher, spawn
 from app.errors import APIError
 from app.llm_server import BatchItem, Event, ItemError, Routed
+from app.load import ReplicaLoad
 from app.metrics import RouterMetrics
 from model.requests import GenerationChunk, GenerationRequest
 
@@ -37,7 +38,7 @@ class ReplicaClient(Protocol):
     """How the router reaches LLM replicas (Serve handles in production, fakes in tests)."""
 
     def replica_ids(self) -> list[str] | None: ...
-    async def stats(self, target: str | None) -> ReplicaSnapshot: ...
+    async def stats(self, target: str | None) -> ReplicaLoad: ...
     def generate_batch(self, target: str, items: list[BatchItem]
                        ) -> AsyncIterator[list[Event]]: ...
     async def abort(self, target: str, request_ids: list[str]) -> None: ...
@@ -171,13 +172,13 @@ class Dispatcher:
     async def _poll_one(self, replica_id: str | None) -> None:
         sent_at = time.monotonic()
         try:
-            snap = await asyncio.wait_for(self._client.stats(replica_id), CALL_TIMEOUT_S)
+            load = await asyncio.wait_for(self._client.stats(replica_id), CALL_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure makes the replica unreachable
             logger.warning("replica %s did not report its load: %r", replica_id, exc)
             if replica_id is not None:
                 self.board.unreachable(replica_id)
             return
-        self.board.report(snap, sent_at, target=replica_id)
+        self.board.report(load, sent_at, target=replica_id)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until some replica has reported healthy (True) or the timeout passes (False)."""

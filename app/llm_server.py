@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from app.admission import ReplicaSnapshot
+from app.load import ReplicaLoad
 from app.metrics import ReplicaMetrics
 from model.requests import EngineStats, GenerationChunk, GenerationRequest
 
@@ -187,17 +187,13 @@ class LLMServer:
             self.engine.abort(request_id)
         return found
 
-    async def stats(self, target: str | None = None) -> ReplicaSnapshot:
-        """The engine's load, for the router's dispatch and shedding decisions."""
+    async def stats(self, target: str | None = None) -> ReplicaLoad:
+        """The engine's load, for the router's dispatch and shedding decisions (and, from
+        the same record, this replica's gauges)."""
         del target
-        s = self.engine.stats()
-        self._metrics.record_stats(s)
-        return ReplicaSnapshot(
-            replica_id=self.replica_id, waiting_requests=s.waiting_requests,
-            waiting_tokens=s.waiting_tokens, running_sequences=s.running_sequences,
-            free_slots=s.free_slots, total_slots=s.total_slots, tokens_per_s=s.tokens_per_s,
-            prefill_tokens_per_s=s.prefill_tokens_per_s,
-            healthy=s.healthy and not self._draining)
+        stats = self.engine.stats()
+        self._metrics.record_stats(stats)
+        return ReplicaLoad(self.replica_id, stats, draining=self._draining)
 
     async def model_info(self, target: str | None = None) -> dict[str, Any]:
         del target

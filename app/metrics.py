@@ -11,6 +11,7 @@ counter gets ``_total``, a histogram ``_bucket``/``_sum``/``_count`` (:func:`exp
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -159,8 +160,9 @@ RING_OVERWRITES = MetricSpec("ringserve_ring_overwritten_rows", "counter",
 RUNNING = MetricSpec("ringserve_running_sequences", "gauge",
                      "Sequences holding a KV cache slot (running) on a replica", "replica",
                      "short")
-WAITING = MetricSpec("ringserve_waiting_requests", "gauge",
-                     "Requests queued for a slot on a replica", "replica", "short")
+WAITING = MetricSpec("ringserve_waiting_sequences", "gauge",
+                     "Sequences queued for a KV cache slot on a replica (a request of n "
+                     "choices is n sequences)", "replica", "short")
 WAITING_TOKENS = MetricSpec("ringserve_waiting_tokens", "gauge",
                             "Prompt tokens not yet prefilled on a replica", "replica", "short")
 TOKENS_PER_S = MetricSpec("ringserve_tokens_per_second", "gauge",
@@ -188,14 +190,15 @@ METRICS: tuple[MetricSpec, ...] = (
     TOKENS_PER_S, PREFILL_TOKENS_PER_S, KV_USED, KV_TOTAL, WINDOW, PAST_WINDOW,
 )
 
-_GAUGE_VALUES = {
-    RUNNING: lambda s: s.running_sequences, WAITING: lambda s: s.waiting_requests,
+# Each gauge and counter is one EngineStats figure (the record the replica reports).
+_GAUGE_VALUES: dict[MetricSpec, Callable[[EngineStats], float]] = {
+    RUNNING: lambda s: s.running_sequences, WAITING: lambda s: s.waiting_sequences,
     WAITING_TOKENS: lambda s: s.waiting_tokens, TOKENS_PER_S: lambda s: s.tokens_per_s,
     PREFILL_TOKENS_PER_S: lambda s: s.prefill_tokens_per_s,
     KV_USED: lambda s: s.kv_cache_used_bytes, KV_TOTAL: lambda s: s.kv_cache_bytes,
     WINDOW: lambda s: s.window_tokens, PAST_WINDOW: lambda s: s.sequences_past_window,
 }
-_COUNTER_TOTALS = {
+_COUNTER_TOTALS: dict[MetricSpec, Callable[[EngineStats], int]] = {
     PROMPT_TOKENS: lambda s: s.prompt_tokens_total,
     GENERATED_TOKENS: lambda s: s.generated_tokens_total,
     RING_OVERWRITES: lambda s: s.ring_rows_overwritten_total,

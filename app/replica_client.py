@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
 
-from app.admission import ReplicaSnapshot
 from app.llm_server import BatchItem, Event
+from app.load import ReplicaLoad
 from app.replica_router import REPLICA_DIRECTORY, directory_key
 
 
@@ -22,7 +22,7 @@ class ServeReplicaClient:
         ids = REPLICA_DIRECTORY.get(self._key)
         return None if ids is None else list(ids)  # None: not learned yet; []: all gone
 
-    async def stats(self, target: str | None) -> ReplicaSnapshot:
+    async def stats(self, target: str | None) -> ReplicaLoad:
         return await self._handle.stats.remote(target=target)
 
     def generate_batch(self, target: str, items: list[BatchItem]

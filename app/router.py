@@ -37,6 +37,7 @@ from app.formatting import (
     sse,
     usage,
 )
+from app.load import load_view
 from app.metrics import RouterMetrics
 from app.schemas import (
     AssistantMessage,
@@ -169,12 +170,7 @@ class Router:
             for rid in board.replica_ids:
                 est = board.estimate(rid)
                 replicas.append({"replica_id": rid, "healthy": rid in board.healthy_ids(),
-                                 "running_sequences": est.running_seqs,
-                                 "waiting_sequences": est.waiting_seqs,
-                                 "waiting_tokens": est.waiting_tokens,
-                                 "free_slots": est.free_slots, "total_slots": est.total_slots,
-                                 "tokens_per_s": est.drain_rate,
-                                 "prefill_tokens_per_s": est.prefill_rate,
+                                 **load_view(est),
                                  "predicted_wait_s": board.predicted_wait(est)})
             return JSONResponse({"replicas": replicas,
                                  "in_flight": self.dispatcher.in_flight(),

@@ -21,8 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from app.admission import ReplicaSnapshot
 from app.llm_server import BatchItem, Event, LLMServer
+from app.load import ReplicaLoad
 
 
 class InProcessClient:
@@ -34,7 +34,7 @@ class InProcessClient:
     def replica_ids(self) -> list[str]:
         return ["r0"]
 
-    async def stats(self, target: str | None) -> ReplicaSnapshot:
+    async def stats(self, target: str | None) -> ReplicaLoad:
         return await self.server.stats(target=target)
 
     def generate_batch(self, target: str, items: list[BatchItem]) -> AsyncIterator[list[Event]]:

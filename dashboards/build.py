@@ -176,7 +176,7 @@ def overview() -> Dashboard:
                    s.gauge(m.PREFILL_TOKENS_PER_S, legend="prefill"))),
         )),
         Row("Scheduler and KV cache", (
-            Panel("Running and waiting", "Sequences holding cache slots, requests waiting "
+            Panel("Running and waiting", "Sequences holding cache slots, sequences waiting "
                   "for one, over all replicas.", "short",
                   (s.gauge(m.RUNNING, legend="running"), s.gauge(m.WAITING, legend="waiting"))),
             Panel("Waiting prompt tokens", "Prompt tokens not yet prefilled.", "short",

@@ -75,11 +75,17 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of an engine's load, for routing and load shedding."""
+    """A snapshot of an engine's load: the one load record, for routing and load shedding.
 
-    waiting_requests: int
+    It travels unchanged from the engine to the router's admission control (inside the
+    replica's ``app.load.ReplicaLoad``), the replica's metrics and the router's ``/load``, each
+    figure under the one name it has here. Counts are of sequences, as the cache holds them: a
+    request of n choices is n sequences.
+    """
+
+    waiting_sequences: int  # added and not yet holding a cache slot
     waiting_tokens: int  # prompt tokens not yet prefilled, over waiting and running sequences
-    running_sequences: int
+    running_sequences: int  # holding a cache slot
     free_slots: int
     total_slots: int
     tokens_per_s: float  # measured throughput (prefill + decode tokens) over a recent window

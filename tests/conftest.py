@@ -1,13 +1,18 @@
-# ---------------------------------------------------------------------------------------------
-# app/ (serving) fakes: an engine with real slot/queue/abort semantics but no model, and an
-# in-process ReplicaClient over LLMServer replicas, so router logic is testable without Ray.
+"""Shared test fixtures: app/ (serving) fakes without Ray or a model.
+
+An engine with real slot/queue/abort semantics but no model, an in-process ReplicaClient over
+LLMServer replicas (so router logic is testable without Ray), load records built from the few
+figures a test cares about, and a Router over such replicas.
+"""
 
 import asyncio as _asyncio
 import time as _time
 from dataclasses import dataclass as _dataclass
+from typing import Any as _Any
 
 import pytest as _pytest
 
+from app.load import ReplicaLoad as _ReplicaLoad
 from model.requests import EngineStats as _EngineStats
 from model.requests import GenerationChunk as _GenerationChunk
 from model.requests import TokenLogprob as _TokenLogprob
@@ -27,7 +32,8 @@ class FakeEngine:
         self.max_model_len = max_model_len
         self.model_name = model_name
         self.running: set[str] = set()
-        self.waiting: list[str] = []
+        self.waiting: list[str] = []  # request ids
+        self.choices: dict[str, int] = {}  # request id -> n (sequences)
         self.aborted: list[str] = []
         self.started_requests: list[str] = []
         self.dead = False
@@ -47,8 +53,8 @@ class FakeEngine:
         self.aborted.append(request_id)
 
     def stats(self) -> _EngineStats:
-        return _EngineStats(waiting_requests=len(self.waiting), waiting_tokens=0,
-                            running_sequences=len(self.running),
+        return _EngineStats(waiting_sequences=sum(self.choices[r] for r in self.waiting),
+                            waiting_tokens=0, running_sequences=len(self.running),
                             free_slots=self.total_slots - len(self.running),
                             total_slots=self.total_slots, tokens_per_s=1.0 / self.step_s,
                             prefill_tokens_per_s=1.0 / self.step_s,
@@ -60,6 +66,7 @@ class FakeEngine:
         rid = request.request_id
         self.validate(request)
         self.waiting.append(rid)
+        self.choices[rid] = request.params.n
         try:
             async with self._slot_free:
                 while len(self.running) + request.params.n > self.total_slots:
@@ -104,6 +111,20 @@ class FakeEngine:
         deadline = _time.monotonic() + timeout_s
         while drain and self.running and _time.monotonic() < deadline:
             await _asyncio.sleep(self.step_s)
+
+
+def engine_stats(**figures: _Any) -> _EngineStats:
+    """An engine's load record: an idle, healthy 4-slot replica unless ``figures`` say else."""
+    base: dict[str, _Any] = dict(
+        waiting_sequences=0, waiting_tokens=0, running_sequences=0, free_slots=4,
+        total_slots=4, tokens_per_s=100.0, prefill_tokens_per_s=100.0, kv_cache_bytes=0,
+        kv_cache_used_bytes=0, healthy=True)
+    return _EngineStats(**{**base, **figures})
+
+
+def replica_load(replica_id: str, *, draining: bool = False, **figures: _Any) -> _ReplicaLoad:
+    """A replica's load report: :func:`engine_stats` of ``figures``, from ``replica_id``."""
+    return _ReplicaLoad(replica_id, engine_stats(**figures), draining=draining)
 
 
 def fake_status(exc: BaseException) -> int:

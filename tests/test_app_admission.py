@@ -11,21 +11,24 @@ from app.admission import (
     AdmissionLimits,
     LoadBoard,
     NoReplica,
-    ReplicaSnapshot,
     Shed,
 )
 from app.batcher import MicroBatcher
+from app.load import ReplicaLoad
+from tests.conftest import replica_load
 
 
 def snap(rid: str, *, waiting: int = 0, tokens: int = 0, running: int = 0, slots: int = 4,
          rate: float = 200.0, prefill_rate: float = 0.0, healthy: bool = True
-         ) -> ReplicaSnapshot:
+         ) -> ReplicaLoad:
     """A replica report; prefill_rate 0 means not measured yet (the drain rate stands in)."""
-    return ReplicaSnapshot(rid, waiting, tokens, running, slots - running, slots, rate,
-                           prefill_rate, healthy)
+    return replica_load(rid, waiting_sequences=waiting, waiting_tokens=tokens,
+                        running_sequences=running, free_slots=slots - running,
+                        total_slots=slots, tokens_per_s=rate, prefill_tokens_per_s=prefill_rate,
+                        healthy=healthy)
 
 
-def board(*snaps: ReplicaSnapshot, **limits: object) -> LoadBoard:
+def board(*snaps: ReplicaLoad, **limits: object) -> LoadBoard:
     b = LoadBoard(AdmissionLimits(**limits))  # type: ignore[arg-type]
     b.set_replicas(s.replica_id for s in snaps)
     for s in snaps:
@@ -117,12 +120,12 @@ def test_report_after_dispatch_replaces_local_estimate() -> None:
     for i in range(3):
         b.admit(f"r{i}", prompt_tokens=5)
     b.sent(["r0", "r1", "r2"], now=1.0)
-    assert b.estimate("a").waiting_seqs == 3
+    assert b.estimate("a").waiting_sequences == 3
     b.report(snap("a", running=3), polled_at=2.0)  # the replica has them now
     est = b.estimate("a")
-    assert est.waiting_seqs == 0 and est.running_seqs == 3
+    assert est.waiting_sequences == 0 and est.running_sequences == 3
     b.report(snap("a"), polled_at=1.5)  # an older, slower answer is ignored
-    assert b.estimate("a").running_seqs == 3
+    assert b.estimate("a").running_sequences == 3
 
 
 def test_finished_requests_update_sequence_length_and_in_flight() -> None:

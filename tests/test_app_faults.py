@@ -16,11 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from app.admission import Accepted, AdmissionLimits, LoadBoard, ReplicaSnapshot, Shed
+from app.admission import Accepted, AdmissionLimits, LoadBoard, Shed
 from app.config import AppConfig
 from app.edge import EdgeGuard, EdgeLimits, StallGuard, limits_from_env, proxy_env
+from app.load import ReplicaLoad
 from app.router import Router, load_router_tokenizer
-from tests.conftest import LocalClient, make_local_cluster
+from tests.conftest import LocalClient, make_local_cluster, replica_load
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,9 @@ async def stream_events(http: httpx.AsyncClient, body: dict[str, Any]
         return r.status_code, events, r.headers.get("x-ringserve-replica")
 
 
-def snap(rid: str, healthy: bool = True) -> ReplicaSnapshot:
-    return ReplicaSnapshot(rid, 0, 0, 0, 4, 4, 100.0, 100.0, healthy)
+def snap(rid: str, healthy: bool = True) -> ReplicaLoad:
+    return replica_load(rid, free_slots=4, total_slots=4, tokens_per_s=100.0,
+                        prefill_tokens_per_s=100.0, healthy=healthy)
 
 
 # LoadBoard ------------------------------------------------------------------------------
@@ -118,7 +120,9 @@ def test_a_replica_that_stops_answering_turns_unhealthy_after_max_report_age() -
 def test_forced_admission_never_sheds() -> None:
     board = LoadBoard(AdmissionLimits(max_queue_wait_s=0.1, max_waiting=0))
     board.set_replicas(["a"])
-    board.report(ReplicaSnapshot("a", 4, 400, 4, 0, 4, 10.0, 10.0, True), 1.0)
+    board.report(replica_load("a", waiting_sequences=4, waiting_tokens=400,
+                              running_sequences=4, free_slots=0, total_slots=4,
+                              tokens_per_s=10.0, prefill_tokens_per_s=10.0), 1.0)
     assert isinstance(board.admit("r1", 10), Shed)
     placed = board.admit("r1", 10, force=True)
     assert isinstance(placed, Accepted) and placed.replica_id == "a"

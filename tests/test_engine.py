@@ -184,11 +184,11 @@ def test_stats_report_load_and_a_busy_time_drain_rate(engine: Engine) -> None:
     for request in requests:
         engine.add(request)
     before = engine.stats()
-    assert before.waiting_requests == 3 and before.waiting_tokens == 90
+    assert before.waiting_sequences == 3 and before.waiting_tokens == 90
     assert before.free_slots == before.total_slots
     engine.step()
     during = engine.stats()
-    assert during.running_sequences == 3 and during.waiting_requests == 0
+    assert during.running_sequences == 3 and during.waiting_sequences == 0
     assert during.free_slots == during.total_slots - 3
     assert during.kv_cache_used_bytes == 3 * during.kv_cache_bytes // during.total_slots
     while engine.scheduler.has_work:

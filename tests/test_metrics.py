@@ -65,7 +65,7 @@ def calls(made: dict[str, list[FakeMetric]], spec: MetricSpec) -> list[tuple[str
 
 def stats(**overrides: Any) -> EngineStats:
     base: dict[str, Any] = dict(
-        waiting_requests=1, waiting_tokens=30, running_sequences=2, free_slots=2,
+        waiting_sequences=1, waiting_tokens=30, running_sequences=2, free_slots=2,
         total_slots=4, tokens_per_s=100.0, prefill_tokens_per_s=400.0, kv_cache_bytes=4096,
         kv_cache_used_bytes=2048, healthy=True, window_tokens=32, sequences_past_window=1,
         ring_rows_overwritten_total=5, prompt_tokens_total=60, generated_tokens_total=7,
@@ -93,6 +93,7 @@ def test_replica_poll_sets_every_gauge_and_counts_growth_once(recorded) -> None:
         assert [c[0] for c in calls(recorded, spec)] == ["set", "set"], spec.name
     assert calls(recorded, metrics.PAST_WINDOW)[0][1] == 1.0
     assert calls(recorded, metrics.WINDOW)[0][1] == 32.0
+    assert calls(recorded, metrics.WAITING)[0][1] == 1.0  # EngineStats.waiting_sequences
     assert [c[1] for c in calls(recorded, metrics.RING_OVERWRITES)] == [5.0]
     assert [c[1] for c in calls(recorded, metrics.PROMPT_TOKENS)] == [60.0]
     assert [c[1] for c in calls(recorded, metrics.STEP_BATCH_SIZE)] == [2.0, 2.0]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from app.admission import Accepted, AdmissionLimits, LoadBoard, ReplicaSnapshot, Shed
+from app.admission import Accepted, AdmissionLimits, LoadBoard, Shed
 from app.config import AppConfig
 from app.serve_cli import plan_launch, thread_split
+from tests.conftest import replica_load
 
 
 def test_replica_threads_take_the_cores_the_router_does_not_need() -> None:
@@ -35,16 +36,16 @@ def test_default_shedding_queues_a_closed_loop_client_at_concurrency_16() -> Non
     board = LoadBoard(AdmissionLimits(max_queue_wait_s=defaults.max_queue_wait_s,
                                       max_waiting=defaults.max_waiting_per_replica))
     board.set_replicas(["r0"])
-    board.report(ReplicaSnapshot("r0", waiting_requests=4, waiting_tokens=600,
-                                 running_sequences=11, free_slots=0, total_slots=11,
-                                 tokens_per_s=40.0, prefill_tokens_per_s=400.0, healthy=True),
+    board.report(replica_load("r0", waiting_sequences=4, waiting_tokens=600,
+                              running_sequences=11, free_slots=0, total_slots=11,
+                              tokens_per_s=40.0, prefill_tokens_per_s=400.0, healthy=True),
                  polled_at=0.0)
     for i in range(20):
         board.finished(f"done{i}", [250])
     assert isinstance(board.admit("next", 150), Accepted)
     # overload is still shed: a queue of 40 sequences waits far past the bound
-    board.report(ReplicaSnapshot("r0", waiting_requests=11, waiting_tokens=2000,
-                                 running_sequences=11, free_slots=0, total_slots=11,
-                                 tokens_per_s=40.0, prefill_tokens_per_s=400.0, healthy=True),
+    board.report(replica_load("r0", waiting_sequences=11, waiting_tokens=2000,
+                              running_sequences=11, free_slots=0, total_slots=11,
+                              tokens_per_s=40.0, prefill_tokens_per_s=400.0, healthy=True),
                  polled_at=0.0)
     assert isinstance(board.admit("flood", 150), Shed)

@@ -313,7 +313,8 @@ class EngineCore:
         """A snapshot of the engine's load (waits at most for a step's bookkeeping)."""
         with self._lock:
             pending = list(self._pending_adds)
-            waiting_requests = len(self.scheduler.waiting) + len(pending)
+            # sequences: the scheduler's waiting ones, and n per request not yet handed to it
+            waiting_sequences = len(self.scheduler.waiting) + sum(r.params.n for r in pending)
             waiting_tokens = self.scheduler.waiting_tokens + sum(
                 len(r.prompt_token_ids) * r.params.n for r in pending)
             running = len(self.scheduler.running)
@@ -323,7 +324,7 @@ class EngineCore:
             samples, prefill_samples, totals, recent = self.step_metrics.snapshot()
         rate, prefill_rate = StepMetrics.rates(samples, prefill_samples)
         return EngineStats(
-            waiting_requests=waiting_requests,
+            waiting_sequences=waiting_sequences,
             waiting_tokens=waiting_tokens,
             running_sequences=running,
             free_slots=self.cache.allocator.num_free,

@@ -18,10 +18,12 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig, available_cpus
 from app.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV, proxy_env
 from app.llm_server import EngineLike, LLMServer
+from app.replica_client import ServeReplicaClient
 from app.replica_router import TargetedRequestRouter
 from app.router import Router
 from model.engine_args import EngineArgs
@@ -59,7 +61,11 @@ class LLMServerDeployment(LLMServer):
 
 
 class RouterDeployment(Router):
-    """Router as Serve runs it."""
+    """Router as Serve runs it: Serve hands it the LLM deployment's handle, which it reaches
+    through a :class:`ServeReplicaClient` (tests give the Router an in-process client)."""
+
+    def __init__(self, llm: DeploymentHandle, config: dict[str, Any]) -> None:
+        super().__init__(ServeReplicaClient(llm), config)
 
     async def __del__(self) -> None:
         await self.shutdown()

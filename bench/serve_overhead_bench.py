@@ -64,7 +64,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from app.serve_cli import NETNS_PREFIX, TMP_PREFIX
+from app.serve_run import NETNS_PREFIX, TMP_PREFIX
 from bench.throughput_bench import (
     PAD_ID,
     WARMUP_OUTPUT_LEN,

@@ -31,7 +31,7 @@ def render(base: dict[str, Any], replicas: int, host: str, port: int, gpus_per_r
            overrides: dict[str, str]) -> dict[str, Any]:
     """``base`` with the HTTP address and the ringserve application's args set; validated."""
     from app.config import AppConfig
-    from app.serve_cli import check_app_args
+    from app.launch_plan import check_app_args
 
     config = dict(base)
     config["http_options"] = {**(base.get("http_options") or {}), "host": host, "port": port}
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[],
                         metavar="KNOB=VALUE", help="an AppConfig knob; empty VALUE: unchanged")
     args = parser.parse_args(argv)
-    from app.serve_cli import ServeCliError, parse_app_args
+    from app.launch_plan import ServeCliError, parse_app_args
 
     try:
         base = yaml.safe_load(Path(args.base).read_text())

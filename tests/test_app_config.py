@@ -90,7 +90,7 @@ def test_proxy_enforces_the_limits_of_the_app_it_serves(monkeypatch: pytest.Monk
     """`serve run app.main:build_app ...` and `ringserve serve` put the proxy hook (app/edge.py)
     and the app's limits in the environment Ray will start with."""
     from app.edge import PROXY_CALLBACK, PROXY_CALLBACK_ENV, limits_from_env, proxy_middlewares
-    from app.serve_cli import Launch, edge_env
+    from app.launch_plan import Launch, edge_env
 
     for name in (PROXY_CALLBACK_ENV, "RINGSERVE_MAX_BODY_BYTES", "RINGSERVE_MAX_HEADER_BYTES"):
         monkeypatch.delenv(name, raising=False)

@@ -374,7 +374,7 @@ def test_stall_timeout_knob_reaches_the_proxy(monkeypatch: Any) -> None:
     assert AppConfig.model_validate({"stream_stall_timeout_s": "none"}).stream_stall_timeout_s \
         is None
     assert AppConfig().edge_limits().stall_timeout_s == 60.0
-    from app.serve_cli import Launch, edge_env  # `ringserve serve` passes it too
+    from app.launch_plan import Launch, edge_env  # `ringserve serve` passes it too
 
     launch = Launch({"stream_stall_timeout_s": "5"}, None, "127.0.0.1", 8000)
     assert edge_env(launch)["RINGSERVE_STREAM_STALL_TIMEOUT_S"] == "5"

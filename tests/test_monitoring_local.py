@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -26,16 +25,11 @@ from cluster.monitoring import (
     metrics_targets,
     write_config,
 )
+from tests.cli_process import free_port, interrupt, ringserve_serve, wait_until_ok
 
 REPO = Path(__file__).resolve().parents[1]
 needs_prometheus = pytest.mark.skipif(not shutil.which("prometheus"),
                                       reason="Debian's prometheus is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _session(root: Path, name: str, targets: list[str], age_s: float = 0.0) -> Path:
@@ -164,7 +158,7 @@ def test_serve_monitoring_refuses_a_taken_port_before_ray_starts(
 def test_serve_monitoring_scrapes_its_own_session(tmp_path: Path) -> None:
     """``ringserve serve --monitoring`` end to end: Prometheus, in Ray's namespace, forwarded
     to the host port, scrapes this run's session; Ctrl-C stops it with the rest."""
-    from app.serve_cli import netns_supported
+    from cluster.isolation.netns import netns_supported
 
     if not netns_supported():
         pytest.skip("needs root on Linux with iproute2 for a private network namespace")
@@ -172,23 +166,12 @@ def test_serve_monitoring_scrapes_its_own_session(tmp_path: Path) -> None:
 
     port, prom_port = free_port(), free_port()
     prom = f"http://127.0.0.1:{prom_port}"
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ringserve"), "serve", "--port", str(port),
-         "--monitoring", "--prometheus-port", str(prom_port),
-         "--scrape-interval", "1", "--log-file", str(tmp_path / "serve.log"),
-         "--start-timeout", "200", "max_model_len=256", "max_num_seqs=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{prom}/-/ready", timeout=3).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    log = tmp_path / "serve.log"
+    with ringserve_serve(["--port", str(port), "--monitoring", "--prometheus-port",
+                          str(prom_port), "--scrape-interval", "1", "--log-file", str(log),
+                          "--start-timeout", "200", "max_model_len=256", "max_num_seqs=2"]
+                         ) as proc:
+        wait_until_ok(proc, f"{prom}/-/ready", 240, log, interval_s=1)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
             "model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 5})
         assert r.status_code == 200, r.text
@@ -203,16 +186,7 @@ def test_serve_monitoring_scrapes_its_own_session(tmp_path: Path) -> None:
         targets = httpx.get(f"{prom}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
         files = {t["discoveredLabels"]["__meta_filepath"] for t in targets}
         assert len(files) == 1 and files.pop().startswith("/tmp/rsv")  # its own session's
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.communicate(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate(timeout=10)
+        out, err = interrupt(proc)
     assert proc.returncode == 0, err
     assert f"Prometheus at {prom}" in err
     with pytest.raises(OSError):

@@ -7,7 +7,7 @@ import argparse
 
 from app.admission import Accepted, AdmissionLimits, LoadBoard, Shed
 from app.config import AppConfig
-from app.serve_cli import plan_launch, thread_split
+from app.launch_plan import plan_launch, thread_split
 from tests.conftest import replica_load
 
 

@@ -178,3 +178,47 @@ def make_local_cluster(replicas: int = 2, **engine_kwargs) -> LocalClient:
 def local_cluster():
     """Factory: ``local_cluster(replicas=2, total_slots=4, step_s=0.01)`` -> LocalClient."""
     return make_local_cluster
+
+
+# ---------------------------------------------------------------------------------------------
+# A Router over such replicas, driven in-process through httpx's ASGI transport.
+
+ROUTER_TEST_DEFAULTS: dict[str, _Any] = {"batch_window_ms": 5, "stats_interval_s": 0.05}
+
+
+@_pytest.fixture(scope="session")
+def tokenizer() -> _Any:
+    """The embedded default model's tokenizer, as the router loads it."""
+    from app.router import load_router_tokenizer
+
+    return load_router_tokenizer(None)
+
+
+def make_router(client: _Any, tokenizer: _Any, **config: _Any) -> _Any:
+    """A Router over ``client`` with :data:`ROUTER_TEST_DEFAULTS` under ``config``."""
+    from app.config import AppConfig
+    from app.router import Router
+
+    return Router(client, AppConfig.model_validate({**ROUTER_TEST_DEFAULTS, **config}),
+                  tokenizer=tokenizer)
+
+
+async def call(router: _Any, method: str, path: str, **kwargs: _Any) -> _Any:
+    """One HTTP request to the router's app; the httpx response."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=router.http_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        return await http.request(method, path, **kwargs)
+
+
+def completion(**over: _Any) -> dict[str, _Any]:
+    """A small greedy completions body for FakeEngine's model."""
+    return {"model": "fake-model", "prompt": "Hello there", "max_tokens": 3,
+            "temperature": 0.0, **over}
+
+
+def chat(**over: _Any) -> dict[str, _Any]:
+    """A small chat body for FakeEngine's model."""
+    return {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 3, **over}

@@ -18,29 +18,20 @@ from typing import Any
 import httpx
 import pytest
 
-from app.config import AppConfig
 from app.edge import EdgeGuard, EdgeLimits
 from app.llm_server import LLMServer
-from app.router import Router, load_router_tokenizer
-from tests.conftest import FakeEngine, LocalClient, fake_status
+from app.router import Router
+from tests.conftest import (
+    FakeEngine,
+    LocalClient,
+    call,
+    chat,
+    completion,
+    fake_status,
+    make_router,
+)
 
 KEY_A, KEY_B = "sk-test-alpha-0123456789", "sk-test-bravo-9876543210"
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return load_router_tokenizer(None)
-
-
-def make_router(client: Any, tokenizer: Any, **config: Any) -> Router:
-    defaults: dict[str, Any] = {"batch_window_ms": 5, "stats_interval_s": 0.05}
-    return Router(client, AppConfig.model_validate({**defaults, **config}), tokenizer=tokenizer)
-
-
-async def call(router: Router, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    transport = httpx.ASGITransport(app=router.http_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-        return await http.request(method, path, **kwargs)
 
 
 def raw(body: Any) -> dict[str, Any]:
@@ -48,15 +39,6 @@ def raw(body: Any) -> dict[str, Any]:
     return {"content": json.dumps(body, ensure_ascii=True).encode(),
             "headers": {"content-type": "application/json"}}
 
-
-def completion(**over: Any) -> dict[str, Any]:
-    return {"model": "fake-model", "prompt": "Hello there", "max_tokens": 3,
-            "temperature": 0.0, **over}
-
-
-def chat(**over: Any) -> dict[str, Any]:
-    return {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 3, **over}
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = None,

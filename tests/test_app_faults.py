@@ -14,19 +14,18 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
-import pytest
 
 from app.admission import Accepted, AdmissionLimits, LoadBoard, Shed
 from app.config import AppConfig
 from app.edge import EdgeGuard, EdgeLimits, StallGuard, limits_from_env, proxy_env
 from app.load import ReplicaLoad
-from app.router import Router, load_router_tokenizer
-from tests.conftest import LocalClient, make_local_cluster, replica_load
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return load_router_tokenizer(None)
+from tests.conftest import (
+    LocalClient,
+    completion,
+    make_local_cluster,
+    make_router,
+    replica_load,
+)
 
 
 class KillableClient(LocalClient):
@@ -64,16 +63,6 @@ class KillableClient(LocalClient):
 
 def killable(replicas: int, **engine: Any) -> KillableClient:
     return KillableClient(make_local_cluster(replicas, **engine).servers)
-
-
-def make_router(client: Any, tokenizer: Any, **config: Any) -> Router:
-    defaults: dict[str, Any] = {"batch_window_ms": 5, "stats_interval_s": 0.05}
-    return Router(client, AppConfig.model_validate({**defaults, **config}), tokenizer=tokenizer)
-
-
-def completion(**over: Any) -> dict[str, Any]:
-    return {"model": "fake-model", "prompt": "Hello there", "max_tokens": 3,
-            "temperature": 0.0, **over}
 
 
 async def stream_events(http: httpx.AsyncClient, body: dict[str, Any]

@@ -7,44 +7,23 @@ are real LLMServer objects around FakeEngine (tests/conftest.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
-import httpx
 import pytest
 
-from app.config import AppConfig
-from app.router import Router, load_router_tokenizer
+from tests import conftest
+from tests.conftest import call, chat, completion
 
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return load_router_tokenizer(None)
-
-
-def make_router(client: Any, tokenizer: Any, **config: Any) -> Router:
-    defaults: dict[str, Any] = {"batch_window_ms": 20, "stats_interval_s": 0.05}
-    return Router(client, AppConfig.model_validate({**defaults, **config}), tokenizer=tokenizer)
+# This file's routers gather arrivals for 20 ms (a wider window than other tests': its
+# batching tests count what one window holds).
+make_router = functools.partial(conftest.make_router, batch_window_ms=20)
 
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
-
-async def call(router: Router, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    transport = httpx.ASGITransport(app=router.http_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-        return await http.request(method, path, **kwargs)
-
-
-def completion(**over: Any) -> dict[str, Any]:
-    return {"model": "fake-model", "prompt": "Hello there", "max_tokens": 3,
-            "temperature": 0.0, **over}
-
-
-def chat(**over: Any) -> dict[str, Any]:
-    return {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 3, **over}
 
 
 def test_completion_and_chat_shapes(local_cluster: Any, tokenizer: Any) -> None:

@@ -201,8 +201,9 @@ def test_router_and_replica_record_one_request_end_to_end(recorded) -> None:
     import asyncio
 
     from app.llm_server import LLMServer
+    from app.router import load_router_tokenizer
     from tests.conftest import FakeEngine, LocalClient, fake_status
-    from tests.test_app_router import call, load_router_tokenizer, make_router
+    from tests.test_app_router import call, make_router
 
     async def scenario() -> tuple[int, int]:
         server = LLMServer(lambda: FakeEngine(max_model_len=256), "r0", status_of=fake_status)

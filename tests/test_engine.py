@@ -179,6 +179,17 @@ def test_abort_frees_the_slot_at_the_very_next_step(engine: Engine) -> None:
     assert engine.stats().free_slots == total and not engine.has_work
 
 
+def test_waiting_counts_sequences_also_before_a_step_takes_the_request(engine: Engine) -> None:
+    """A request of n choices waits as n sequences, queued for the next step or scheduled."""
+    engine.add_at_next_step(GenerationRequest("three", prompt(10, 9), greedy(2, n=3)))
+    assert engine.stats().waiting_sequences == 3 and engine.stats().waiting_tokens == 30
+    engine.add(GenerationRequest("two", prompt(10, 8), greedy(2, n=2)))
+    assert engine.stats().waiting_sequences == 5
+    while engine.has_work:
+        engine.step()
+    assert engine.stats().waiting_sequences == 0
+
+
 def test_stats_report_load_and_a_busy_time_drain_rate(engine: Engine) -> None:
     requests = [GenerationRequest(f"load{i}", prompt(30, 200 + i), greedy(4)) for i in range(3)]
     for request in requests:

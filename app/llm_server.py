@@ -140,9 +140,9 @@ class LLMServer:
                     yield out
         finally:
             for request_id in mine:
-                task = self._tasks.pop(request_id, None)
-                if task is not None and not task.done():
-                    task.cancel()
+                running = self._tasks.pop(request_id, None)
+                if running is not None and not running.done():
+                    running.cancel()
 
     async def _pump(self, request: GenerationRequest, queue: asyncio.Queue[Event | None],
                     stream: bool = True) -> None:

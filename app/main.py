@@ -131,23 +131,26 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             min_replicas=a.min_replicas, max_replicas=a.max_replicas,
             target_ongoing_requests=a.target_ongoing_requests,
             upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s)}
+    # serve.deployment(**options)(cls): the form Ray's annotations type as a Deployment
     llm = serve.deployment(
-        LLMServerDeployment, name=LLM_DEPLOYMENT,
+        name=LLM_DEPLOYMENT,
         ray_actor_options={"num_cpus": config.replica_num_cpus,
                            "num_gpus": _gpus_per_replica(config)},
         max_ongoing_requests=LLM_MAX_ONGOING,
         health_check_period_s=config.health_check_period_s,
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
-        request_router_config=RequestRouterConfig(request_router_class=TargetedRequestRouter),
+        # Ray annotates RequestRouterConfig's **kwargs as dicts; a class is what it takes here
+        request_router_config=RequestRouterConfig(
+            request_router_class=TargetedRequestRouter),  # type: ignore[arg-type]
         **scaling,
-    )
+    )(LLMServerDeployment)
     router = serve.deployment(
-        serve.ingress()(RouterDeployment), name=ROUTER_DEPLOYMENT,
+        name=ROUTER_DEPLOYMENT,
         num_replicas=config.router_replicas,
         ray_actor_options={"num_cpus": config.router_num_cpus},
         max_ongoing_requests=ROUTER_MAX_ONGOING,
-    )
+    )(serve.ingress()(RouterDeployment))
     engine_factory = functools.partial(build_engine, config.engine_args(), config)
     server = llm.bind(engine_factory, None, config.graceful_shutdown_timeout_s)
     return router.bind(server, config.model_dump())

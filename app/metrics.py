@@ -209,16 +209,17 @@ def _make(spec: MetricSpec, model_name: str) -> Any:
     """The Ray Serve metric for ``spec``, its model tag set once."""
     from ray.serve import metrics as serve_metrics
 
+    # Ray annotates tag_keys as Tuple[str] (one name); it takes a tuple of any length.
+    tag_keys: Any = spec.all_tag_keys
     if spec.kind == "counter":
         metric: Any = serve_metrics.Counter(spec.name, description=spec.description,
-                                            tag_keys=spec.all_tag_keys)
+                                            tag_keys=tag_keys)
     elif spec.kind == "gauge":
         metric = serve_metrics.Gauge(spec.name, description=spec.description,
-                                     tag_keys=spec.all_tag_keys)
+                                     tag_keys=tag_keys)
     else:
         metric = serve_metrics.Histogram(spec.name, description=spec.description,
-                                         boundaries=list(spec.boundaries),
-                                         tag_keys=spec.all_tag_keys)
+                                         boundaries=list(spec.boundaries), tag_keys=tag_keys)
     metric.set_default_tags({MODEL_TAG: model_name})
     return metric
 

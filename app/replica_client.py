@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import cast
 
 from ray.serve.handle import DeploymentHandle
 
@@ -27,7 +28,9 @@ class ServeReplicaClient:
 
     def generate_batch(self, target: str, items: list[BatchItem]
                        ) -> AsyncIterator[list[Event]]:
-        return self._handle.generate_batch.options(stream=True).remote(items, target=target)
+        # stream=True: a DeploymentResponseGenerator, an async iterator of the yielded lists
+        return cast(AsyncIterator[list[Event]],
+                    self._handle.generate_batch.options(stream=True).remote(items, target=target))
 
     async def abort(self, target: str, request_ids: list[str]) -> None:
         await self._handle.abort.remote(request_ids, target=target)

@@ -61,7 +61,8 @@ monitor: setup
 dashboards: setup
 	$(PY) -m dashboards
 
-test: setup
+# lint first (ruff, then mypy: both target Python 3.10, see pyproject.toml), then the tests
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The long reliability runs (60 s of 3x overload, 10 minutes of steady mixed traffic), about
@@ -70,9 +71,10 @@ test: setup
 soak: setup
 	$(PY) -m pytest -q -s -m soak tests/test_app_reliability_serve.py $(PYTEST_ARGS)
 
+LINT_PATHS := model app cluster dashboards bench tests
 lint: setup
-	$(VENV)/bin/ruff check model app cluster bench tests
-	$(VENV)/bin/mypy model
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy --explicit-package-bases $(LINT_PATHS)
 
 bench: setup
 	$(PY) -m bench.decode_bench

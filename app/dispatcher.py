@@ -148,7 +148,7 @@ class Dispatcher:
         while True:
             try:
                 await self.poll()
-            except Exception:  # noqa: BLE001 - polling must outlive any one failure
+            except Exception:  # polling must outlive any one failure
                 logger.exception("load poll failed")
             await asyncio.sleep(self._interval)
 

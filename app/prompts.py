@@ -114,5 +114,5 @@ class PromptReader:
     def _decode_prompt(self, ids: list[int]) -> str:
         try:
             return self.tokenizer.decode(ids)
-        except Exception as exc:  # noqa: BLE001 - an id outside the vocabulary
+        except Exception as exc:  # an id outside the vocabulary
             raise bad_request(f"invalid prompt token ids: {exc}", param="prompt") from exc

@@ -90,7 +90,7 @@ class Router:
         if self._max_model_len is None:
             try:
                 info = await asyncio.wait_for(self.client.model_info(), READY_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 - no replica could answer
+            except Exception as exc:  # no replica could answer
                 raise APIError(503, f"no LLM replica is ready: {exc!r}",
                                code="no_healthy_replica", headers={"Retry-After": "1"}) from exc
             self._max_model_len = int(str(info["max_model_len"]))

@@ -118,7 +118,7 @@ class ServeRun:
         if args.log_file != "-":
             self.log_path = Path(args.log_file or _default_log(launch.port)).expanduser()
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+            self.log = open(self.log_path, "wb")  # closed in close()
         where = f"network namespace {self.ns.name}" if self.ns else "the host network"
         log(f"starting Ray Serve in {where}"
              + (f" (log: {self.log_path})" if self.log_path else ""))

@@ -118,7 +118,7 @@ class LocalPrometheus:
         """Start Prometheus with ``config`` (its own session: stopped by :meth:`stop`)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = data_dir / "prometheus.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - closed by stop()
+        log = open(log_path, "wb")  # closed by stop()
         command = [*(exec_prefix or []), prometheus_binary(), f"--config.file={config}",
                    f"--storage.tsdb.path={data_dir / 'tsdb'}",
                    f"--storage.tsdb.retention.time={retention}",

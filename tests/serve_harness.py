@@ -85,7 +85,7 @@ def serve_in_netns(prefix: str, args: Sequence[str], port: int, replicas: int,
     proc: subprocess.Popen[bytes] | None = None
     tmp = make_ray_tmpdir(prefix)
     log_path = tmp / "serve.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in teardown
+    log = open(log_path, "wb")  # closed in teardown
     base = f"http://127.0.0.1:{port}"
     try:
         for setting in sysctls:

@@ -74,7 +74,7 @@ class Node:
 
     def bash(self, script: str, log_name: str) -> subprocess.Popen[bytes]:
         """Run ``script`` with bash inside the node, in the workdir (the checkout), logged."""
-        log = open(self.tmp / log_name, "wb")  # noqa: SIM115 - the child holds it
+        log = open(self.tmp / log_name, "wb")  # the child holds it
         proc = subprocess.Popen([*self.namespace.exec_prefix(), "bash", "-c", script],
                                 cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)

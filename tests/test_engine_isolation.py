@@ -121,7 +121,7 @@ def test_a_request_whose_sampling_raises_fails_alone(engine: Engine,
     real_sample = model_runner_module.sample
     calls = {"batched": 0}
 
-    def sample(logits, rows):  # noqa: ANN001, ANN202 - the sampler's own signature
+    def sample(logits, rows):  # the sampler's own signature
         if len(rows) > 1:
             calls["batched"] += 1
         doomed_row = next((r for r in rows if r.params is doomed), None)
@@ -145,7 +145,7 @@ def test_a_request_whose_detokenizing_raises_fails_alone(engine: Engine,
     real_push = output_processor_module.IncrementalDetokenizer.push
     counts: dict[int, int] = {}
 
-    def push(self, token_id: int) -> str:  # noqa: ANN001 - the detokenizer's own signature
+    def push(self, token_id: int) -> str:  # the detokenizer's own signature
         seq = next((s for s in engine.sequences.values() if s.detokenizer is self), None)
         if seq is not None and seq.request.request_id == "detok":
             counts[seq.index] = counts.get(seq.index, 0) + 1

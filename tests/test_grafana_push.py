@@ -34,7 +34,7 @@ class GrafanaStub(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: GrafanaStub
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
     def _answer(self, status: int, body: dict[str, Any]) -> None:

@@ -94,7 +94,7 @@ def stack() -> Iterator[Stack]:
     proc: subprocess.Popen[bytes] | None = None
     prometheus: LocalPrometheus | None = None
     tmp = Path(tempfile.mkdtemp(prefix="rsm", dir="/tmp"))  # short: Ray's socket paths
-    log = open(tmp / "serve.log", "wb")  # noqa: SIM115 - closed in teardown
+    log = open(tmp / "serve.log", "wb")  # closed in teardown
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
                        check=True, timeout=10)

@@ -56,7 +56,7 @@ class ModelRunner:
         states = [None if s.generator is None else s.generator.get_state() for s in seqs]
         try:
             result = sample(logits[rows_index], rows)
-        except Exception:  # noqa: BLE001 - find the row(s) at fault, sample the rest
+        except Exception:  # find the row(s) at fault, sample the rest
             logger.warning("batched sampling failed; sampling the step's rows one by one",
                            exc_info=True)
             return self._sample_alone(logits, rows_index, seqs, rows, states)

@@ -4,24 +4,62 @@ from __future__ import annotations
 
 import torch
 
+# Positions the cos/sin table covers at first; it doubles whenever a step goes past it.
+_INITIAL_TABLE_POSITIONS = 4096
+
 
 class RotaryEmbedding:
-    """cos/sin tables for arbitrary positions; ``theta`` comes from the checkpoint's config."""
+    """cos/sin tables for arbitrary positions; ``theta`` comes from the checkpoint's config.
+
+    The tables are computed once per position (and per dtype) and then looked up, so a
+    decode step costs two row gathers instead of five elementwise ops; the values are the
+    ones computing them per step would give (same fp32 formula, then cast).
+    """
 
     def __init__(self, head_dim: int, theta: float, device: torch.device | str = "cpu") -> None:
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
         self.inv_freq = 1.0 / (theta ** (exponents / head_dim))  # [D/2]
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, 1, D] cos and sin for positions [T] (computed in fp32, then cast)."""
+    def _table(self, dtype: torch.dtype, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[P, 1, D] cos and sin for positions 0 .. P-1, P >= needed."""
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[0] < needed:
+            size = _INITIAL_TABLE_POSITIONS
+            while size < needed:
+                size *= 2
+            table = self._compute(torch.arange(size, device=self.inv_freq.device), dtype)
+            self._tables[dtype] = table
+        return table
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] cos and sin for positions [T] (computed in fp32, then cast).
+
+        ``max_position`` (the largest of ``positions``, when the caller knows it without a
+        device sync) sizes the table; otherwise it is read from ``positions``.
+        """
+        if positions.numel() == 0:
+            return self._compute(positions, dtype)
+        top = int(positions.max()) if max_position is None else max_position
+        cos, sin = self._table(dtype, top + 1)
+        return cos[positions], sin[positions]
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, D] by cos/sin [T, 1, D] (rotate-half convention)."""
+    """Rotate x [T, heads, D] by cos/sin [T, 1, D] (rotate-half convention).
+
+    out = x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): three ops (one
+    multiply, two fused multiply-adds into the halves), no rotated copy of x.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, heads, D]
-    return x * cos + rotated * sin
+    out = x * cos  # [T, heads, D]
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out

@@ -25,12 +25,13 @@ from model.kv_cache import (
     plan_cache_access,
 )
 from model.quantization import (
+    INT8_PLANES,
     Int8Projection,
     Int8Weight,
     Quantization,
     QuantizationError,
     concat_rows,
-    quantize_rows,
+    quantize_planes,
 )
 from model.rope import RotaryEmbedding, apply_rotary
 
@@ -44,7 +45,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused kernel
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused kernel, weight included, no dtype round trip (the CPU path)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -92,9 +96,10 @@ class DecoderLayer(nn.Module):
         q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)  # [N, H, D], [N, KVH, D]
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [N, KVH, D]
         attn = self._attention(q, k, v, plan, cache)  # [N, H, D]
-        x = x + self.o_proj(attn.reshape(num_tokens, cfg.q_size))
+        x = self.o_proj(attn.reshape(num_tokens, cfg.q_size)).add_(x)  # residual
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        # SwiGLU in place on the fused projection's output: [N, I] views, no new buffers
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up)).add_(x)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    plan: CachePlan | None, cache: KVCachePool | None) -> torch.Tensor:
@@ -179,14 +184,15 @@ class Transformer(nn.Module):
 
         Projection weights are stored transposed (see :class:`Projection`); a tied output
         layer therefore gets its own transposed copy of the embedding. With
-        ``quantization="int8"`` every projection and the LM head is an
-        :class:`~model.quantization.Int8Projection` (CPU, fp32 activations); tensors already
-        int8 (their row scales in ``scales``, as ``load_weights`` returns them) are used as
-        they are, fp32 ones are quantized here. Unquantized, int8 inputs are dequantized.
+        ``quantization="int8"`` (or ``"int8x2"``: two int8 planes per weight) every
+        projection and the LM head is an :class:`~model.quantization.Int8Projection` (CPU,
+        fp32 activations); tensors already int8 (their row scales in ``scales``, as
+        ``load_weights`` returns them) are used as they are under int8, fp32 ones are
+        quantized here. Unquantized, int8 inputs are dequantized.
         """
         scales = scales or {}
-        if quantization == "int8" and (torch.device(device).type != "cpu"
-                                       or dtype != torch.float32):
+        planes = INT8_PLANES.get(quantization, 0)
+        if planes and (torch.device(device).type != "cpu" or dtype != torch.float32):
             raise QuantizationError("int8 projections run on CPU with float32 activations")
         model = cls(config)  # parameters are uninitialized (torch.empty) until assigned below
 
@@ -195,10 +201,13 @@ class Transformer(nn.Module):
                 return Int8Weight(tensors[name], scales[name]).dequantize()
             return tensors[name]
 
-        def int8(name: str) -> Int8Weight:
-            if name in scales:
-                return Int8Weight(tensors[name], scales[name])
-            return quantize_rows(tensors[name])
+        def int8(name: str) -> list[Int8Weight]:
+            if name in scales:  # one plane as loaded; further planes need the fp32 weight
+                if planes > 1:
+                    raise QuantizationError(f"{quantization} needs float32 weights to build "
+                                            f"its planes; {name} is already int8")
+                return [Int8Weight(tensors[name], scales[name])]
+            return quantize_planes(tensors[name], planes)
 
         head = "lm_head.weight" if "lm_head.weight" in tensors else "embed_tokens.weight"
         # projection -> the canonical weights it fuses, in output-row order
@@ -218,9 +227,10 @@ class Transformer(nn.Module):
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 state[p + norm + ".weight"] = tensors[p + norm + ".weight"]
         for module_name, parts in fused.items():
-            if quantization == "int8":
-                model.set_submodule(module_name,
-                                    Int8Projection(concat_rows([int8(n) for n in parts])))
+            if planes:
+                per_part = [int8(n) for n in parts]  # [part][plane]
+                model.set_submodule(module_name, Int8Projection(
+                    [concat_rows([p[k] for p in per_part]) for k in range(planes)]))
             else:
                 weights = [fp32(n) for n in parts]
                 state[module_name + ".weight_t"] = (weights[0] if len(weights) == 1
@@ -250,12 +260,16 @@ class Transformer(nn.Module):
         token_ids: [N] flat, chunk after chunk. Returns logits [len(chunks), V] for each chunk's
         last token, or [N, V] for every token when ``all_logits``.
         """
-        positions = torch.cat([
-            torch.arange(c.start_pos, c.start_pos + c.num_tokens) for c in chunks
-        ]).to(token_ids.device)  # [N]
-        if positions.numel() != token_ids.numel():
+        if all(c.num_tokens == 1 for c in chunks):  # a decode step: one position each
+            position_list = [c.start_pos for c in chunks]
+        else:
+            position_list = [p for c in chunks for p in range(c.start_pos,
+                                                               c.start_pos + c.num_tokens)]
+        if len(position_list) != token_ids.numel():
             raise ValueError("token_ids and chunks disagree on the number of tokens")
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [N, 1, D]
+        positions = torch.tensor(position_list, device=token_ids.device)  # [N]
+        cos, sin = self.rotary.cos_sin(positions, self.dtype,
+                                       max(position_list, default=0))  # [N, 1, D]
         if cache is None:
             if len(chunks) != 1 or chunks[0].start_pos != 0:
                 raise ValueError("without a KV cache, run one sequence from position 0")
@@ -266,7 +280,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(token_ids)  # [N, hidden]
         for layer in self.layers:
             x = layer(x, cos, sin, plan, cache)
-        if not all_logits:
+        if not all_logits and len(chunks) != x.shape[0]:  # some chunk has several tokens
             last = torch.tensor(list(_cumulative_ends(chunks)), device=x.device) - 1
             x = x[last]  # [num_chunks, hidden]
         return self.lm_head(self.norm(x)).float()

@@ -30,6 +30,8 @@ With ``quantization="int8"`` every projection and the LM head (see
 tensor at a time: its entry in ``tensors`` is then int8 and ``scales`` holds its fp32 row
 scales. No fp32 copy of the whole model is ever held (a bf16 or GGUF checkpoint is widened
 one tensor at a time). A GGUF file's int8 form is cached beside its fp32 form.
+``quantization="int8x2"`` loads float32: its two planes per weight are built from the fp32
+weights, one tensor at a time, by :meth:`model.transformer.Transformer.from_tensors`.
 """
 
 from __future__ import annotations
@@ -222,11 +224,13 @@ def load_weights(path: Path | None = None, *, progress: bool = True,
 
     ``path=None`` loads the embedded default model. ``progress`` shows a tqdm bar on stderr
     while tensors are read or dequantized. ``quantization="int8"`` returns the projections
-    as int8 with row scales (see :class:`LoadedWeights`). Raises WeightsError (or ConfigError
+    as int8 with row scales (see :class:`LoadedWeights`); ``"int8x2"`` returns float32
+    tensors, from which :meth:`~model.transformer.Transformer.from_tensors` builds the two
+    int8 planes (the second plane needs the float32 weight). Raises WeightsError (or ConfigError
     for a bad config file) with a one-line message naming the file and tensor at fault.
     """
-    if quantization not in ("none", "int8"):
-        raise ValueError(f"quantization must be none or int8 here, got {quantization!r}")
+    if quantization not in ("none", "int8", "int8x2"):
+        raise ValueError(f"quantization must be none, int8 or int8x2 here, got {quantization!r}")
     path = default_model_path() if path is None else Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")

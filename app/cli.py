@@ -70,9 +70,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--quantization", choices=("none", "int8", "auto"), default=DEFAULT_QUANTIZATION,
-                   help="int8: projections and LM head as int8 (CPU); auto: int8 on CPU, "
-                        "bf16 unquantized on CUDA; none: the dtype as given")
+    p.add_argument("--quantization", choices=("none", "int8", "int8x2", "auto"),
+                   default=DEFAULT_QUANTIZATION,
+                   help="int8: projections and LM head as int8 (CPU); int8x2: as two int8 "
+                        "planes each (~15-bit weights, CPU); auto: on CPU the fastest int8 "
+                        "form that meets the accuracy goals (int8x2), bf16 unquantized on "
+                        "CUDA; none: the dtype as given")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text and token_ids (generated ids only)")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")

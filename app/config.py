@@ -65,9 +65,11 @@ class AppConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Engine device; auto picks CUDA when the replica has a GPU."
     )
-    quantization: Literal["none", "int8", "auto"] = Field(
+    quantization: Literal["none", "int8", "int8x2", "auto"] = Field(
         DEFAULT_QUANTIZATION, description="int8: projections and LM head as int8 (CPU, fbgemm); "
-        "auto: int8 on CPU, bf16 unquantized on CUDA; none: weights in `dtype`.",
+        "int8x2: as two int8 planes each (~15-bit weights, CPU, fbgemm); auto: on CPU the "
+        "fastest int8 form that meets the accuracy goals (int8x2), bf16 unquantized on CUDA; "
+        "none: weights in `dtype`.",
     )
     window: int | None = Field(
         None, ge=1, description="Override the checkpoint's sliding-window size (tokens)."

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-# none | int8 | auto (see EngineArgs.quantization); the CLI, AppConfig and EngineArgs share it
+# none | int8 | int8x2 | auto (see EngineArgs.quantization); the CLI, AppConfig and
+# EngineArgs share it
 DEFAULT_QUANTIZATION: Final = "none"
 
 
@@ -15,8 +16,10 @@ class EngineArgs:
 
     model: str | None = None  # checkpoint folder or .gguf file; None/"default": embedded model
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA; or float32/bfloat16/float16
-    # int8: projections and LM head as int8 (CPU, fbgemm); auto: int8 on CPU with fp32
-    # activations, none otherwise (CUDA runs bf16 unquantized); none: as the checkpoint's dtype
+    # int8: projections and LM head as int8 (CPU, fbgemm); int8x2: as two int8 planes each
+    # (~15-bit weights); auto: on CPU with fp32 activations the fastest int8 form that meets
+    # the accuracy goals (model.quantization.resolve_quantization), none otherwise (CUDA runs
+    # bf16 unquantized); none: as the checkpoint's dtype
     quantization: str = DEFAULT_QUANTIZATION
     device: str = "auto"  # auto: cuda when available, else cpu
     window: int | None = None  # override the checkpoint's sliding window (tokens)

@@ -23,9 +23,11 @@ from model.engine_args import EngineArgs
 from model.kv_cache import SequenceChunk
 from model.quantization import (
     INT8_MEETS_ACCURACY_GOALS,
+    INT8X2_MEETS_ACCURACY_GOALS,
     Int8Projection,
     QuantizationError,
     concat_rows,
+    quantize_planes,
     quantize_rows,
     resolve_quantization,
 )
@@ -115,8 +117,10 @@ def test_resolve_quantization() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_quantization("none", cpu, torch.float32) == "none"
     assert resolve_quantization("int8", cpu, torch.float32) == "int8"
+    assert resolve_quantization("int8x2", cpu, torch.float32) == "int8x2"
     assert resolve_quantization("auto", cuda, torch.bfloat16) == "none"
-    auto_cpu = "int8" if INT8_MEETS_ACCURACY_GOALS else "none"
+    auto_cpu = ("int8" if INT8_MEETS_ACCURACY_GOALS
+                else "int8x2" if INT8X2_MEETS_ACCURACY_GOALS else "none")
     assert resolve_quantization("auto", cpu, torch.float32) == auto_cpu
     with pytest.raises(QuantizationError, match="CPU"):
         resolve_quantization("int8", cuda, torch.bfloat16)
@@ -243,3 +247,66 @@ def test_quantization_knob_reaches_the_engine_from_cli_and_config(checkpoint: Pa
     bad = generate("--quantization", "int8", "--dtype", "bfloat16")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("ringserve: error: quantization int8")
+
+
+# int8x2: two int8 planes per weight -------------------------------------------------------------
+def test_quantize_planes_second_plane_cuts_the_error() -> None:
+    weight = random_weight(40, 96, 4)
+    first, second = quantize_planes(weight, 2)
+    assert torch.equal(first.values, quantize_rows(weight).values)
+    # plane 2 quantizes plane 1's rounding error, itself within scale1 / 2 per element, so
+    # its own error is within scale2 / 2 and scale2 <= scale1 / 254 (up to float rounding);
+    # an all-zero row keeps scale 1 in both planes
+    zero_row = weight.abs().amax(1) == 0
+    assert torch.all((second.scale <= first.scale / 254 * (1 + 1e-5)) | zero_row)
+    error = (first.dequantize() + second.dequantize() - weight).abs()
+    assert torch.all(error <= second.scale[:, None] / 2 + 1e-7)
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(64, 96), (96, 64)])
+@pytest.mark.parametrize("batch", [1, 17])
+def test_int8x2_projection_matches_dequantized_reference(in_features: int, out_features: int,
+                                                         batch: int) -> None:
+    weight = random_weight(out_features, in_features, batch + 10)
+    planes = quantize_planes(weight, 2)
+    proj = Int8Projection(planes)
+    assert proj.planes == 2
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, in_features, generator=gen)
+    x[0, 2] = 40.0
+    out = proj(x)
+    reference = x @ (planes[0].dequantize() + planes[1].dequantize()).T
+    assert (out - reference).abs().max() <= KERNEL_TOLERANCE * reference.abs().max()
+    # against the unrounded fp32 weight, too: two planes leave only the activation rounding
+    assert (out - x @ weight.T).abs().max() <= KERNEL_TOLERANCE * reference.abs().max()
+    for i in range(batch):
+        assert torch.equal(proj(x[i:i + 1])[0], out[i])  # rows independent of the batch
+
+
+def test_int8x2_model_is_close_to_fp32_and_batch_invariant(checkpoint: Path) -> None:
+    fp32 = load_weights(checkpoint, progress=False)
+    assert load_weights(checkpoint, progress=False, quantization="int8x2").scales == {}
+    int8x2 = Transformer.from_tensors(fp32.config, fp32.tensors, quantization="int8x2")
+    assert isinstance(int8x2.lm_head, Int8Projection) and int8x2.lm_head.planes == 2
+    reference = Transformer.from_tensors(fp32.config, fp32.tensors)
+    ids = torch.arange(3, 40)
+    chunk = [SequenceChunk(0, 0, len(ids))]
+    a = int8x2(ids, chunk, None, all_logits=True)
+    ref = reference(ids, chunk, None, all_logits=True)
+    assert (a - ref).abs().max() <= 2e-3 * ref.abs().max()  # int8 alone allows 5%
+    assert torch.equal(a.argmax(-1), ref.argmax(-1))
+    with pytest.raises(QuantizationError, match="float32 weights"):
+        int8 = load_weights(checkpoint, progress=False, quantization="int8")
+        Transformer.from_tensors(int8.config, int8.tensors, quantization="int8x2",
+                                 scales=int8.scales)
+    engine = Engine.from_args(EngineArgs(model=str(checkpoint), max_model_len=128,
+                                         max_num_seqs=4, progress=False,
+                                         quantization="int8x2"))
+    assert engine.model.layers[0].qkv_proj.planes == 2
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [(5, 9, 11), tuple(range(20, 47)), (7,)]
+    alone = [engine.run_to_completion([GenerationRequest(f"a{i}", p, params)])[0].token_ids
+             for i, p in enumerate(prompts)]
+    together = engine.run_to_completion([GenerationRequest(f"b{i}", p, params)
+                                         for i, p in enumerate(prompts)])
+    assert [c.token_ids for c in together] == alone

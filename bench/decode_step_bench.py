@@ -82,8 +82,11 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(weight_t, torch.Tensor):
             total += weight_t.numel() * weight_t.element_size()
         elif hasattr(module, "_packed"):  # Int8Projection: int8 values + fp32 row scales
-            planes = getattr(module, "planes", 1)
-            total += planes * module.out_features * (module.in_features + 4)
+            # duck-typed: the --before ref's Int8Projection is another class (and has no planes)
+            planes: int = getattr(module, "planes", 1)
+            out_features: int = getattr(module, "out_features", 0)
+            in_features: int = getattr(module, "in_features", 0)
+            total += planes * out_features * (in_features + 4)
     return total
 
 

@@ -302,7 +302,8 @@ def test_int8x2_model_is_close_to_fp32_and_batch_invariant(checkpoint: Path) -> 
     engine = Engine.from_args(EngineArgs(model=str(checkpoint), max_model_len=128,
                                          max_num_seqs=4, progress=False,
                                          quantization="int8x2"))
-    assert engine.model.layers[0].qkv_proj.planes == 2
+    qkv = engine.model.layers[0].qkv_proj
+    assert isinstance(qkv, Int8Projection) and qkv.planes == 2
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompts = [(5, 9, 11), tuple(range(20, 47)), (7,)]
     alone = [engine.run_to_completion([GenerationRequest(f"a{i}", p, params)])[0].token_ids

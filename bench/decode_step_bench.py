@@ -107,8 +107,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--context", type=int, default=128, help="cached tokens per sequence")
-    parser.add_argument("--variants", default="fp32,int8,int8x2",
-                        help="fp32, int8, int8x2 (int8x2 has no 'before' where the ref lacks it)")
+    parser.add_argument("--variants", default="fp32,int8,int8x2,int8x2-head",
+                        help="fp32, int8, int8x2, int8x2-head (fp32 layers, int8x2 LM head); "
+                             "a variant the --before ref lacks is timed 'after' only")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="the clock of ratios and the bandwidth fraction")
@@ -125,6 +126,15 @@ def main() -> None:
     config = loaded.config
     models: dict[str, nn.Module] = {}
     for variant in args.variants.split(","):
+        if variant == "int8x2-head":  # fp32 layers, int8x2 LM head: int8 only where it pays
+            from model.quantization import Int8Projection, quantize_planes
+
+            head = after_module.Transformer.from_tensors(config, loaded.tensors)
+            head_weight = loaded.tensors.get("lm_head.weight",
+                                             loaded.tensors["embed_tokens.weight"])
+            head.lm_head = Int8Projection(quantize_planes(head_weight, 2))
+            models["int8x2-head after"] = head
+            continue
         quantization = "none" if variant == "fp32" else variant
         for label, module in (("before", before_module), ("after", after_module)):
             choices = sys.modules[module.__name__.replace("transformer", "quantization")
@@ -163,7 +173,7 @@ def main() -> None:
                                           (time.perf_counter() - started_wall) / args.reps)
             print(f"\nbatch {batch}: ms per decode step (best of {args.rounds} interleaved "
                   f"rounds of {args.reps}); ratios and tok/s on the {args.clock} clock")
-            header = (f"{'variant':<14}{'wall ms':>9}{args.clock + ' ms':>9}{'tok/s':>9}"
+            header = (f"{'variant':<18}{'wall ms':>9}{args.clock + ' ms':>9}{'tok/s':>9}"
                       f"{'after/before':>14}")
             if batch == 1:
                 header += f"{'weight MB':>11}{'BW limit ms':>13}{'of BW limit':>13}"
@@ -173,7 +183,7 @@ def main() -> None:
                 before = best.get(f"{variant} before")
                 speedup = f"{before / seconds:>13.2f}x" if before and label == "after" else (
                     f"{'':>14}")
-                line = (f"{name:<14}{best_wall[name] * 1e3:>9.2f}{seconds * 1e3:>9.2f}"
+                line = (f"{name:<18}{best_wall[name] * 1e3:>9.2f}{seconds * 1e3:>9.2f}"
                         f"{batch / seconds:>9.1f}{speedup}")
                 if batch == 1:
                     nbytes = weight_bytes(models[name])

@@ -132,7 +132,7 @@ def main() -> None:
             head = after_module.Transformer.from_tensors(config, loaded.tensors)
             head_weight = loaded.tensors.get("lm_head.weight",
                                              loaded.tensors["embed_tokens.weight"])
-            head.lm_head = Int8Projection(quantize_planes(head_weight, 2))
+            head.set_submodule("lm_head", Int8Projection(quantize_planes(head_weight, 2)))
             models["int8x2-head after"] = head
             continue
         quantization = "none" if variant == "fp32" else variant

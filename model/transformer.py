@@ -24,6 +24,13 @@ from model.kv_cache import (
     SequenceChunk,
     plan_cache_access,
 )
+from model.paged_cache import (
+    PagedChunk,
+    PagedKVCache,
+    PagedPlan,
+    paged_layer_attention,
+    plan_paged_access,
+)
 from model.quantization import (
     Int8Projection,
     Int8Weight,
@@ -80,7 +87,8 @@ class DecoderLayer(nn.Module):
         self.down_proj = Projection(config.intermediate_size, hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                plan: CachePlan | None, cache: KVCachePool | None) -> torch.Tensor:
+                plan: CachePlan | PagedPlan | None, cache: KVCachePool | PagedKVCache | None
+                ) -> torch.Tensor:
         """x: [N, hidden] for all chunks' tokens, concatenated in chunk order."""
         cfg = self.config
         num_tokens = x.shape[0]
@@ -97,11 +105,15 @@ class DecoderLayer(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   plan: CachePlan | None, cache: KVCachePool | None) -> torch.Tensor:
+                   plan: CachePlan | PagedPlan | None, cache: KVCachePool | PagedKVCache | None
+                   ) -> torch.Tensor:
         window = self.config.sliding_window
         if plan is None:  # no cache: one fresh sequence attends to itself
             return prefill_attention(q, k, v, 0, window)
-        assert cache is not None
+        if isinstance(plan, PagedPlan):
+            assert isinstance(cache, PagedKVCache)
+            return paged_layer_attention(q, k, v, plan, cache, self.layer_index, window)
+        assert isinstance(cache, KVCachePool)
         k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
         decode = plan.decode
         if decode is not None and decode.covers_batch:
@@ -243,8 +255,9 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, chunks: Sequence[SequenceChunk],
-                cache: KVCachePool | None = None, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, chunks: Sequence[SequenceChunk | PagedChunk],
+                cache: KVCachePool | PagedKVCache | None = None, all_logits: bool = False
+                ) -> torch.Tensor:
         """Run chunks of several sequences in one pass.
 
         token_ids: [N] flat, chunk after chunk. Returns logits [len(chunks), V] for each chunk's
@@ -256,12 +269,18 @@ class Transformer(nn.Module):
         if positions.numel() != token_ids.numel():
             raise ValueError("token_ids and chunks disagree on the number of tokens")
         cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [N, 1, D]
+        plan: CachePlan | PagedPlan | None
         if cache is None:
             if len(chunks) != 1 or chunks[0].start_pos != 0:
                 raise ValueError("without a KV cache, run one sequence from position 0")
             plan = None
+        elif isinstance(cache, PagedKVCache):
+            plan = plan_paged_access([c for c in chunks if isinstance(c, PagedChunk)],
+                                     cache.block_size, cache.table_len,
+                                     self.config.sliding_window, token_ids.device)
         else:
-            plan = plan_cache_access(chunks, cache.buffer_len, self.config.sliding_window,
+            plan = plan_cache_access([c for c in chunks if isinstance(c, SequenceChunk)],
+                                     cache.buffer_len, self.config.sliding_window,
                                      token_ids.device)
         x = self.embed_tokens(token_ids)  # [N, hidden]
         for layer in self.layers:
@@ -272,7 +291,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
 
-def _cumulative_ends(chunks: Sequence[SequenceChunk]) -> list[int]:
+def _cumulative_ends(chunks: Sequence[SequenceChunk | PagedChunk]) -> list[int]:
     ends, total = [], 0
     for chunk in chunks:
         total += chunk.num_tokens

@@ -34,7 +34,7 @@ def test_w16_b4_gives_r5_and_position_i_sits_at_ring_row_i_mod_20() -> None:
 
 
 def test_window_read_after_wrap_holds_exactly_the_window() -> None:
-    window, block, table_len = 16, 4, 5
+    block, table_len = 4, 5  # W = 16
     table = [0, 1, 2, 3, 4]  # adjacent blocks: the ring is pool rows 0..19
     # a query at 57 sees 42..57; 42 is ring row 2, 57 is ring row 17: one run, 16 rows
     assert ring_segments(table, 42, 16, block, table_len) == [(2, 18)]

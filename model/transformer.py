@@ -1,7 +1,10 @@
 """The Mistral-family decoder: RMSNorm, rotary, grouped-query sliding-window attention, SwiGLU.
 
 The model knows nothing of requests: a forward pass takes flat token ids and, per sequence, a
-:class:`SequenceChunk` (its cache slot, the position of its first token, how many tokens).
+:class:`~model.paged_cache.PagedChunk` (its block table, the position of its first token, how
+many tokens) against the paged cache the engine uses, or a :class:`SequenceChunk` (a slot)
+against the slot pool of :mod:`model.kv_cache`, the design the paged cache is measured and
+tested against.
 Sequences with one token and a cache are decodes and run batched; longer chunks are
 prefills that attend to their cached window plus themselves.
 """
@@ -275,12 +278,16 @@ class Transformer(nn.Module):
                 raise ValueError("without a KV cache, run one sequence from position 0")
             plan = None
         elif isinstance(cache, PagedKVCache):
-            plan = plan_paged_access([c for c in chunks if isinstance(c, PagedChunk)],
-                                     cache.block_size, cache.table_len,
+            paged = [c for c in chunks if isinstance(c, PagedChunk)]
+            if len(paged) != len(chunks):
+                raise TypeError("a paged cache takes PagedChunk chunks (block tables)")
+            plan = plan_paged_access(paged, cache.block_size, cache.table_len,
                                      self.config.sliding_window, token_ids.device)
         else:
-            plan = plan_cache_access([c for c in chunks if isinstance(c, SequenceChunk)],
-                                     cache.buffer_len, self.config.sliding_window,
+            slotted = [c for c in chunks if isinstance(c, SequenceChunk)]
+            if len(slotted) != len(chunks):
+                raise TypeError("a slot cache takes SequenceChunk chunks (slots)")
+            plan = plan_cache_access(slotted, cache.buffer_len, self.config.sliding_window,
                                      token_ids.device)
         x = self.embed_tokens(token_ids)  # [N, hidden]
         for layer in self.layers:

@@ -115,7 +115,7 @@ ITL = MetricSpec("ringserve_inter_token_latency_seconds", "histogram",
                  "Time between consecutive output tokens of a sequence, as the replica receives "
                  "them from the engine", "replica", "s", (), TOKEN_LATENCY_BUCKETS_S)
 REQUEST_QUEUE_TIME = MetricSpec("ringserve_request_queue_time_seconds", "histogram",
-                                "Time a sequence waited in the engine's queue for a cache slot",
+                                "Time a sequence waited in the engine's queue for cache blocks",
                                 "replica", "s", (), LATENCY_BUCKETS_S)
 PREFILL_TIME = MetricSpec("ringserve_request_prefill_time_seconds", "histogram",
                           "First scheduled to first token: the sequence's (chunked) prefill",

@@ -64,7 +64,6 @@ class EngineCore:
         self.runner = ModelRunner(model, cache)
         # W as attention sees it (the context when there is no window); the ring holds R*B
         self.window_tokens = buffer_len_for(model.config.sliding_window, max_model_len)
-        self.ring_rows = cache.table_len * cache.block_size
         self.outputs = OutputProcessor(tokenizer, self.window_tokens)
         self.max_model_len = max_model_len
         self.model_name = model_name
@@ -176,13 +175,15 @@ class EngineCore:
         return outputs
 
     def _step_figures(self, scheduled: list[ScheduledChunk]) -> StepFigures:
-        ring = self.ring_rows
+        # a position >= W pushes the oldest one out of the window (its row is dead and is
+        # overwritten when the ring of R*B rows comes round): the metric counts those
+        window = self.window_tokens
         prompt = overwritten = 0
         for chunk in scheduled:
             end = chunk.start_pos + chunk.num_tokens
             prompt += max(0, min(end, self.sequences[chunk.seq_id].prompt_len)
                           - chunk.start_pos)
-            overwritten += max(0, end - max(chunk.start_pos, ring))
+            overwritten += max(0, end - max(chunk.start_pos, window))
         return StepFigures(len(scheduled), prompt, overwritten)
 
     def _apply_pending(self) -> list[StepOutput]:

@@ -59,7 +59,7 @@ def memory(block_size: int, rng_seed: int, high: int) -> tuple[int, int, float]:
     return slots, held, utilisation
 
 
-def _paged_batch(lengths: list[int], block_size: int) -> tuple[BlockManager, list[int]]:
+def _paged_batch(lengths: list[int], block_size: int) -> tuple[BlockManager, int]:
     """A pool holding 32 sequences' worth of blocks; the batch admitted with 8-token prompts,
     then grown one token at a time, interleaved, to its lengths (where fragmentation comes
     from), next to as many sequences again that came and went."""
@@ -101,9 +101,7 @@ def decode_step(block_size: int, rounds: int, seed: int) -> dict[str, float]:
         for _ in range(LAYERS):
             slot_k[plan.slots, :, plan.write_rows] = new_k
             slot_v[plan.slots, :, plan.write_rows] = new_k
-            decode_per_slot = decode_attention_per_slot(q, slot_k, slot_v, plan.slot_ids,
-                                                        plan.valid_lens)
-        del decode_per_slot
+            decode_attention_per_slot(q, slot_k, slot_v, plan.slot_ids, plan.valid_lens)
 
     manager, num_blocks = _paged_batch(lengths, block_size)
     table_len = manager.table_len

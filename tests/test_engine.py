@@ -237,7 +237,7 @@ def test_rates_count_busy_time_and_outlive_idle_spells(engine: Engine, monkeypat
         started = clock.now
         clock.now += seconds
         engine.step_metrics.record_throughput(
-            started, [ScheduledChunk("s", 0, start_pos, num_tokens, samples=True)])
+            started, [ScheduledChunk("s", (), start_pos, num_tokens, samples=True)])
 
     step(0, 48, 0.05)  # a 48-token prompt chunk
     for i in range(24):  # then 24 decode steps

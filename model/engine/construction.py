@@ -105,14 +105,15 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
 def _cache_pool(args: EngineArgs, config: ModelConfig, max_model_len: int, dtype: torch.dtype,
                 device: torch.device) -> PagedKVCache:
     """The paged pool: as many blocks as the budget holds, at least one full table (R blocks)
-    so that a sequence of ``max_model_len`` tokens always fits alone."""
+    so that a sequence of ``max_model_len`` tokens always fits alone, and no more than
+    ``max_num_seqs`` full tables (blocks beyond those could never be held at once)."""
     block_size = args.block_size or (DEFAULT_CUDA_BLOCK_SIZE if device.type == "cuda"
                                      else DEFAULT_CPU_BLOCK_SIZE)
     if block_size < 1:
         raise EngineRequestError(f"block_size must be positive, got {block_size}")
     geometry = PagedGeometry.for_model(config, max_model_len, dtype, block_size)
     budget = args.kv_cache_memory or default_kv_budget(device)
-    num_blocks = geometry.blocks_for_budget(budget)
+    num_blocks = min(geometry.blocks_for_budget(budget), args.max_num_seqs * geometry.table_len)
     if num_blocks < geometry.table_len:
         raise EngineRequestError(
             f"KV cache budget {budget} bytes holds {num_blocks} blocks of {block_size} "

@@ -163,18 +163,20 @@ def test_microbatcher_groups_by_window_and_replica() -> None:
 
 def blocks_snap(rid: str, *, free_blocks: int, free_slots: int = 30, waiting: int = 0,
                 tokens: int = 0, block_size: int = 16, rate: float = 200.0,
-                prefill_rate: float = 600.0) -> ReplicaSnapshot:
+                prefill_rate: float = 600.0) -> ReplicaLoad:
     """A paged replica's report: 32 slots (max_num_seqs), blocks of 16, R = 256."""
-    return ReplicaSnapshot(rid, waiting, tokens, 32 - free_slots, free_slots, 32, rate,
-                           prefill_rate, True, free_blocks=free_blocks, total_blocks=1000,
-                           block_size=block_size, blocks_per_sequence_max=256)
+    return replica_load(rid, waiting_sequences=waiting, waiting_tokens=tokens,
+                        running_sequences=32 - free_slots, free_slots=free_slots,
+                        total_slots=32, tokens_per_s=rate, prefill_tokens_per_s=prefill_rate,
+                        healthy=True, free_blocks=free_blocks, total_blocks=1000,
+                        block_size=block_size, blocks_per_sequence_max=256)
 
 
 def test_docstring_example_predicts_wait_from_blocks() -> None:
     b = board(blocks_snap("a", free_blocks=40, waiting=4, tokens=60))
     b.finished("x", [100])  # sequences average 100 tokens: 7 blocks of 16
     est = b.estimate("a")
-    assert est.startable(b.seq_tokens) == 5  # 40 // 7, under the 30 free slots
+    assert b.startable(est) == 5  # 40 // 7, under the 30 free slots
     assert b.predicted_wait(est, seqs=2) == pytest.approx(60 / 600 + 1 * 100 / 200)
 
 

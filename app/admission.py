@@ -6,7 +6,9 @@ sent it since that poll, which the report cannot contain yet: together a
 :class:`~app.load.LoadEstimate`. From that estimate it predicts how long a new request would
 queue::
 
-    short = max(0, waiting_sequences + n - free_slots)   # sequences that must wait for room
+    seq_blocks = ceil(min(seq_tokens, R * B) / B)             # blocks a typical sequence holds
+    startable = min(free_slots, free_blocks // seq_blocks)   # sequences that could start now
+    short = max(0, waiting_sequences + n - startable)        # sequences that must wait for room
     predicted_wait = waiting_tokens / prefill_tokens_per_s + short * seq_tokens / tokens_per_s
 
 ``waiting_tokens`` are prompt tokens not yet prefilled; the replica works through them at its
@@ -20,8 +22,14 @@ request finds short = 2 + 1 - 0 = 3, predicted_wait = 60/600 + 3*100/200 = 1.6 s
 free slots costs only prefill time: 16 requests of 140 prompt tokens into 16 free slots at
 1000 prompt tokens/s predict 2.24 s for the last one, whatever the decode rate.
 
-How much room a replica has is read in one place, :meth:`LoadBoard.room` (today the slot
-cache's free slots; a paged cache's free blocks go there).
+How much room a replica has is read in one place, :meth:`LoadBoard.room`: the engine's KV
+cache is paged (blocks of B positions, at most R per sequence), so how many more sequences fit
+depends on their length: free blocks over the blocks a sequence of ``seq_tokens`` holds,
+capped by ``free_slots`` (``max_num_seqs`` minus running). Worked example: blocks of 16, 40
+free blocks, 30 free slots, sequences average 100 tokens (7 blocks): 5 can start; 4 sequences
+wait with 60 prompt tokens; a new n=2 request finds short = 4 + 2 - 5 = 1, predicted_wait =
+60/600 + 1*100/200 = 0.6 s. A replica that reports no blocks counts its free slots alone (the
+first worked example above).
 
 A request goes to the replica with the smallest predicted wait (ties: more room to spare, then
 fewer running sequences), so an idle replica always wins over one with a queue. It is shed
@@ -192,11 +200,23 @@ class LoadBoard:
                             prefill if prefill > 0 else rate)
 
     def room(self, est: LoadEstimate, seqs: int = 1) -> Room:
-        """The one place admission reads a replica's capacity: free slots of the slot cache
-        (one per sequence), ``seqs`` more sequences arriving behind those already queued."""
-        return Room(short=max(0, est.waiting_sequences + seqs - est.free_slots),
-                    spare=est.free_slots - est.waiting_sequences,
+        """The one place admission reads a replica's capacity, ``seqs`` more sequences
+        arriving behind those already queued: how many sequences could start now, i.e. its
+        free slots (``max_num_seqs`` minus running) and, for the paged KV cache, its free
+        blocks over the blocks a sequence of the measured mean length holds."""
+        startable = self.startable(est)
+        return Room(short=max(0, est.waiting_sequences + seqs - startable),
+                    spare=startable - est.waiting_sequences,
                     default_max_waiting=est.total_slots)
+
+    def startable(self, est: LoadEstimate) -> int:
+        """Sequences of ``seq_tokens`` tokens that could start on the replica now."""
+        if est.total_blocks <= 0 or est.block_size <= 0:
+            return est.free_slots  # no block figures reported: slots alone
+        blocks = math.ceil(max(1.0, self.seq_tokens) / est.block_size)
+        if est.blocks_per_sequence_max > 0:
+            blocks = min(blocks, est.blocks_per_sequence_max)  # a sequence holds at most R
+        return min(est.free_slots, est.free_blocks // blocks)
 
     def predicted_wait(self, est: LoadEstimate, seqs: int = 1) -> float:
         return (est.waiting_tokens / est.prefill_tokens_per_s

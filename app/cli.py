@@ -68,6 +68,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="override the checkpoint's sliding window (tokens)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--kv-block-size", type=int, default=None,
+                   help="positions per block of the paged KV cache (default 16)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quantization", choices=("none", "int8", "int8x2", "auto"),
@@ -97,6 +99,7 @@ def generate(args: argparse.Namespace) -> int:
     engine = Engine.from_args(EngineArgs(
         model=args.model, dtype=args.dtype, device=args.device, window=args.window,
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+        block_size=args.kv_block_size,
         max_num_seqs=max(args.n, 1), progress=not args.quiet,
         quantization=args.quantization))
     if not args.quiet:

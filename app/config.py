@@ -81,6 +81,9 @@ class AppConfig(BaseModel):
     kv_cache_memory: int | None = Field(
         None, ge=1, description="KV cache bytes per replica; default 2 GiB CPU, 90% free GPU."
     )
+    kv_block_size: int | None = Field(
+        None, ge=1, description="Positions per block of the paged KV cache; default 16."
+    )
     max_num_seqs: int = Field(32, ge=1, description="Sequences one replica runs at once.")
     max_num_batched_tokens: int = Field(512, ge=1, description="Tokens per engine step.")
     prefill_chunk: int | None = Field(
@@ -242,6 +245,7 @@ class AppConfig(BaseModel):
             full_attention=self.full_attention,
             max_model_len=self.max_model_len,
             kv_cache_memory=self.kv_cache_memory,
+            block_size=self.kv_block_size,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             prefill_chunk=self.prefill_chunk,

@@ -66,10 +66,32 @@ class LoadEstimate:
     def total_slots(self) -> int:
         return self.stats.total_slots if self.stats is not None else 0
 
+    # The paged KV cache: 0 total blocks means the replica reported none (slots alone count)
+    @property
+    def free_blocks(self) -> int:
+        return self.stats.free_blocks if self.stats is not None else 0
+
+    @property
+    def total_blocks(self) -> int:
+        return self.stats.total_blocks if self.stats is not None else 0
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.stats.block_size if self.stats is not None else 0
+
+    @property
+    def blocks_per_sequence_max(self) -> int:
+        return self.stats.blocks_per_sequence_max if self.stats is not None else 0
+
 
 # What ``/load`` shows of each replica's estimate, by the engine's names.
 LOAD_FIGURES = ("running_sequences", "waiting_sequences", "waiting_tokens", "free_slots",
-                "total_slots", "tokens_per_s", "prefill_tokens_per_s")
+                "total_slots", "used_blocks", "total_blocks", "block_size", "tokens_per_s",
+                "prefill_tokens_per_s")
 
 
 def load_view(estimate: LoadEstimate) -> dict[str, float]:

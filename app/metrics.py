@@ -115,7 +115,7 @@ ITL = MetricSpec("ringserve_inter_token_latency_seconds", "histogram",
                  "Time between consecutive output tokens of a sequence, as the replica receives "
                  "them from the engine", "replica", "s", (), TOKEN_LATENCY_BUCKETS_S)
 REQUEST_QUEUE_TIME = MetricSpec("ringserve_request_queue_time_seconds", "histogram",
-                                "Time a sequence waited in the engine's queue for a cache slot",
+                                "Time a sequence waited in the engine's queue for cache blocks",
                                 "replica", "s", (), LATENCY_BUCKETS_S)
 PREFILL_TIME = MetricSpec("ringserve_request_prefill_time_seconds", "histogram",
                           "First scheduled to first token: the sequence's (chunked) prefill",
@@ -158,10 +158,10 @@ RING_OVERWRITES = MetricSpec("ringserve_ring_overwritten_rows", "counter",
 
 # Replica: gauges, re-set at every stats poll ---------------------------------------------------
 RUNNING = MetricSpec("ringserve_running_sequences", "gauge",
-                     "Sequences holding a KV cache slot (running) on a replica", "replica",
+                     "Sequences holding KV cache blocks (running) on a replica", "replica",
                      "short")
 WAITING = MetricSpec("ringserve_waiting_sequences", "gauge",
-                     "Sequences queued for a KV cache slot on a replica (a request of n "
+                     "Sequences queued for KV cache blocks on a replica (a request of n "
                      "choices is n sequences)", "replica", "short")
 WAITING_TOKENS = MetricSpec("ringserve_waiting_tokens", "gauge",
                             "Prompt tokens not yet prefilled on a replica", "replica", "short")
@@ -175,6 +175,12 @@ KV_USED = MetricSpec("ringserve_kv_cache_used_bytes", "gauge",
                      "KV cache bytes in use on a replica", "replica", "bytes")
 KV_TOTAL = MetricSpec("ringserve_kv_cache_bytes", "gauge",
                       "KV cache bytes allocated on a replica", "replica", "bytes")
+KV_BLOCKS_USED = MetricSpec("ringserve_kv_cache_used_blocks", "gauge",
+                            "KV cache blocks held by sequences on a replica", "replica",
+                            "short")
+KV_BLOCKS_TOTAL = MetricSpec("ringserve_kv_cache_blocks", "gauge",
+                             "KV cache blocks in a replica's pool (block_size positions each)",
+                             "replica", "short")
 WINDOW = MetricSpec("ringserve_window_tokens", "gauge",
                     "W: rows per sequence of the rolling KV buffer (min(sliding window, "
                     "max_model_len))", "replica", "short")
@@ -187,7 +193,8 @@ METRICS: tuple[MetricSpec, ...] = (
     BATCH_SIZE, TPOT, ITL, REQUEST_QUEUE_TIME, PREFILL_TIME, DECODE_TIME, PROMPT_LENGTH,
     GENERATION_LENGTH, FINISHED, PROMPT_TOKENS, GENERATED_TOKENS, CONTEXT_WINDOW_RATIO,
     STEP_BATCH_SIZE, STEP_TOKENS, STEP_TIME, RING_OVERWRITES, RUNNING, WAITING, WAITING_TOKENS,
-    TOKENS_PER_S, PREFILL_TOKENS_PER_S, KV_USED, KV_TOTAL, WINDOW, PAST_WINDOW,
+    TOKENS_PER_S, PREFILL_TOKENS_PER_S, KV_USED, KV_TOTAL, KV_BLOCKS_USED, KV_BLOCKS_TOTAL,
+    WINDOW, PAST_WINDOW,
 )
 
 # Each gauge and counter is one EngineStats figure (the record the replica reports).
@@ -196,6 +203,8 @@ _GAUGE_VALUES: dict[MetricSpec, Callable[[EngineStats], float]] = {
     WAITING_TOKENS: lambda s: s.waiting_tokens, TOKENS_PER_S: lambda s: s.tokens_per_s,
     PREFILL_TOKENS_PER_S: lambda s: s.prefill_tokens_per_s,
     KV_USED: lambda s: s.kv_cache_used_bytes, KV_TOTAL: lambda s: s.kv_cache_bytes,
+    KV_BLOCKS_USED: lambda s: s.total_blocks - s.free_blocks,
+    KV_BLOCKS_TOTAL: lambda s: s.total_blocks,
     WINDOW: lambda s: s.window_tokens, PAST_WINDOW: lambda s: s.sequences_past_window,
 }
 _COUNTER_TOTALS: dict[MetricSpec, Callable[[EngineStats], int]] = {

@@ -23,23 +23,30 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import QUERY_BLOCK, prefill_attention
-from model.cache_layout import buffer_len_for
-from model.kv_cache import CacheGeometry
+from model.block_table import blocks_per_table
+from model.paged_cache import PagedGeometry
 
 GIB = 1024**3
 
 
-def cache_memory(tokens: int, window: int) -> None:
-    """Claim 1: bytes per sequence of the rolling buffer vs a full cache."""
-    def geometry(buffer_len: int) -> CacheGeometry:
-        return CacheGeometry(num_layers=32, num_kv_heads=8, head_dim=128,
-                             buffer_len=buffer_len, dtype_bytes=2)
+def cache_memory(tokens: int, window: int, block_size: int = 16) -> None:
+    """Claim 1: bytes per sequence of the rolling buffer vs a full cache, from the paged
+    cache's geometry (a sequence holds R = ceil((W-1)/B) + 1 blocks once its ring rolls)."""
+    def geometry(window_or_none: int | None) -> PagedGeometry:
+        return PagedGeometry(num_layers=32, num_kv_heads=8, head_dim=128,
+                             block_size=block_size,
+                             table_len=blocks_per_table(window_or_none, tokens, block_size),
+                             dtype_bytes=2)
 
-    rolling = geometry(buffer_len_for(window, tokens)).bytes_per_slot
-    full = geometry(buffer_len_for(None, tokens)).bytes_per_slot
-    print(f"KV cache per sequence at {tokens} tokens, Mistral-7B shape, bf16")
+    rolling_geometry, full_geometry = geometry(window), geometry(None)
+    rolling = rolling_geometry.table_len * rolling_geometry.bytes_per_block
+    full = full_geometry.table_len * full_geometry.bytes_per_block
+    print(f"KV cache per sequence at {tokens} tokens, Mistral-7B shape, bf16, "
+          f"blocks of {block_size}")
     print(f"  full cache        {full / GIB:8.2f} GiB")
-    print(f"  rolling, W={window:<5d} {rolling / GIB:8.2f} GiB")
+    print(f"  rolling, W={window:<5d} {rolling / GIB:8.2f} GiB  "
+          f"({rolling_geometry.table_len} blocks = {rolling_geometry.table_len * block_size} "
+          "ring rows)")
     print(f"  ratio full/rolling: {full / rolling:.1f}x  (paper: 8x)")
 
 

@@ -209,9 +209,9 @@ async def phase_direct(args: argparse.Namespace, threads: int
          f"{args.max_model_len}, max_num_batched_tokens {args.max_num_batched_tokens}, "
          f"{torch.get_num_threads()} torch threads)")
     engine = Engine.from_args(_engine_args(args))
-    if engine.cache.num_slots < args.concurrency:
-        raise BenchError(f"the KV pool holds {engine.cache.num_slots} sequences of "
-                         f"{args.max_model_len} tokens, fewer than concurrency {args.concurrency}")
+    if engine.cache.num_blocks < args.concurrency * engine.cache.table_len:
+        raise BenchError(f"the KV pool's {engine.cache.num_blocks} blocks hold fewer than "
+                         f"{args.concurrency} sequences of {args.max_model_len} tokens")
     excluded = engine.tokenizer.special_ids | engine.tokenizer.eos_token_ids | {PAD_ID}
     vocab = engine.config.vocab_size
     items = build_workload(args.requests, args.prompt_len, args.output_len, vocab, excluded,

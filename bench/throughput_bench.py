@@ -276,9 +276,9 @@ async def _bench(args: argparse.Namespace) -> None:
     _log(f"loading ringserve engine (max_model_len {max_len}, max_num_seqs {max_seqs})")
     engine = Engine.from_args(EngineArgs(max_model_len=max_len, max_num_seqs=max_seqs,
                                          progress=False))
-    if engine.cache.num_slots < max_seqs:
-        raise SystemExit(f"the KV pool holds {engine.cache.num_slots} sequences of "
-                         f"{max_len} tokens, fewer than concurrency {max_seqs}")
+    if engine.cache.num_blocks < max_seqs * engine.cache.table_len:
+        raise SystemExit(f"the KV pool's {engine.cache.num_blocks} blocks hold fewer than "
+                         f"{max_seqs} sequences of {max_len} tokens")
     _log("loading transformers model (de-quantizing the GGUF)")
     hf_logging.disable_progress_bar()  # progress here is one line per phase
     path = default_model_path()

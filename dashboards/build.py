@@ -176,14 +176,18 @@ def overview() -> Dashboard:
                    s.gauge(m.PREFILL_TOKENS_PER_S, legend="prefill"))),
         )),
         Row("Scheduler and KV cache", (
-            Panel("Running and waiting", "Sequences holding cache slots, sequences waiting "
-                  "for one, over all replicas.", "short",
+            Panel("Running and waiting", "Sequences holding cache blocks, sequences waiting "
+                  "for them, over all replicas.", "short",
                   (s.gauge(m.RUNNING, legend="running"), s.gauge(m.WAITING, legend="waiting"))),
             Panel("Waiting prompt tokens", "Prompt tokens not yet prefilled.", "short",
                   (s.gauge(m.WAITING_TOKENS, legend="waiting tokens"),)),
             Panel("KV cache usage", "Share of the KV cache bytes in use, over all replicas.",
                   "percentunit", (Query(f"sum({s.sel(m.KV_USED)}) / sum({s.sel(m.KV_TOTAL)})",
                                         "used / allocated", (m.KV_USED, m.KV_TOTAL)),)),
+            Panel("KV cache blocks", "Blocks of the paged cache held by sequences, and the "
+                  "pool's size, over all replicas.", "short",
+                  (s.gauge(m.KV_BLOCKS_USED, legend="used"),
+                   s.gauge(m.KV_BLOCKS_TOTAL, legend="total"))),
             Panel("Engine batch size", "Sequences per engine step: mean and p90.", "short",
                   (s.mean(m.STEP_BATCH_SIZE),
                    *s.quantiles(m.STEP_BATCH_SIZE, qs=(0.9,)))),

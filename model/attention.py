@@ -11,6 +11,8 @@ Three entry points, all free of any cache bookkeeping:
 * :func:`decode_attention_per_slot` - the same straight from the cache buffers, one sequence
   at a time over just its valid rows: on CPU this beats gathering a padded batch (no copy of
   the cache, no work on padding rows; bench/decode_attention_bench.py).
+* :func:`paged_decode_attention` - the same over the paged pool: each sequence's window is a
+  few runs of adjacent rows (its blocks, through its block table), read in place.
 
 Shape letters: B batch, T tokens, H query heads, KVH key/value heads, D head dim, W window.
 """
@@ -27,6 +29,9 @@ import torch.nn.functional as F
 # kernel wastes part of its tiles, and bigger ones make fewer calls. 256 measured best at
 # 16K tokens, W = 4096 against 512 and 1024 (bench/paper_claims.py, --query-block).
 QUERY_BLOCK = 256
+# Paged decode reads a sequence in place when its window lies in at most this many runs of
+# adjacent pool rows; beyond that one gather beats a matmul per short run (bench/paged_bench.py).
+MAX_RUNS_IN_PLACE = 4
 
 
 def _flash_attn_func():  # pragma: no cover - only on CUDA machines with flash-attn
@@ -227,4 +232,47 @@ def decode_attention_per_slot(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         qg = q[b].view(num_kv_heads, num_heads // num_kv_heads, head_dim)  # [KVH, G, D]
         out[b] = _grouped_attention(qg, k_cache[slot, :, :length],  # [KVH, L, D] views
                                     v_cache[slot, :, :length]).view(num_heads, head_dim)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                           runs: tuple[tuple[tuple[int, int], ...], ...],
+                           max_runs_in_place: int = MAX_RUNS_IN_PLACE) -> torch.Tensor:
+    """One query per sequence over its window in the paged pool, read in place.
+
+    q: [B, H, D]; k_rows, v_rows: [KVH, P, D] (the layer's pool as rows, P = blocks * B);
+    runs[b] are sequence b's ``[start, stop)`` row ranges (``model.block_table.ring_segments``).
+    Each run is a [KVH, L, D] view of the pool with contiguous rows, as a slot was: nothing
+    is copied. A sequence of several runs gets one softmax over all of them; one scattered
+    over more than ``max_runs_in_place`` runs (a crowded pool) is gathered first, since a
+    matmul per short run costs more than the copy. Returns [B, H, D].
+    """
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = k_rows.shape[0]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)  # [B, H, D]
+    for b, seq_runs in enumerate(runs):
+        qg = q[b].view(num_kv_heads, group, head_dim)  # [KVH, G, D]
+        if len(seq_runs) == 1 or len(seq_runs) > max_runs_in_place:
+            if len(seq_runs) == 1:
+                lo, hi = seq_runs[0]
+                keys, values = k_rows[:, lo:hi], v_rows[:, lo:hi]  # [KVH, L, D] views
+            else:
+                index = torch.cat([torch.arange(lo, hi) for lo, hi in seq_runs])
+                index = index.to(k_rows.device)
+                keys, values = k_rows[:, index], v_rows[:, index]  # [KVH, L, D] copies
+            out[b] = _grouped_attention(qg, keys, values).view(num_heads, head_dim)
+            continue
+        scores = torch.cat([torch.matmul(qg, k_rows[:, lo:hi].transpose(-1, -2))
+                            for lo, hi in seq_runs], dim=-1)  # [KVH, G, L]
+        scores.mul_(1.0 / math.sqrt(head_dim))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v_rows.dtype)
+        acc: torch.Tensor | None = None
+        col = 0
+        for lo, hi in seq_runs:
+            part = torch.matmul(probs[..., col:col + hi - lo], v_rows[:, lo:hi])  # [KVH, G, D]
+            acc = part if acc is None else acc.add_(part)
+            col += hi - lo
+        assert acc is not None
+        out[b] = acc.view(num_heads, head_dim)
     return out

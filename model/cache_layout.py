@@ -4,7 +4,8 @@ Each sequence owns one *slot* of ``buffer_len = min(window, max_model_len)`` pos
 layer (``max_model_len`` when there is no window); token position i lives at row
 ``i % buffer_len``. The scheduler plans on these numbers alone; the tensors that hold the rows
 are in :mod:`model.kv_cache`. The allocator only says "no room" (``None``); the scheduler
-decides what to do about it.
+decides what to do about it. (The engine's cache is the paged one, :mod:`model.block_table`;
+this is the slot design it replaced, kept as the reference it is tested and measured against.)
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ class EngineArgs:
     full_attention: bool = False  # ignore the checkpoint's window entirely
     max_model_len: int | None = None  # prompt + output limit; default min(config limit, 4096)
     kv_cache_memory: int | None = None  # bytes for the KV pool; default 2 GiB CPU, 90% free GPU
-    max_num_seqs: int = 32  # sequences running at once (also caps the slot count)
+    max_num_seqs: int = 32  # sequences running at once
+    block_size: int | None = None  # positions per KV cache block; None: 16 (CPU and CUDA)
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     prefill_chunk: int | None = None  # max tokens of one prompt per step; default the budget
     torch_threads: int | None = None  # torch intra-op threads; None leaves torch's default

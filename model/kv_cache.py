@@ -6,6 +6,11 @@ window). Token position i of a sequence lives at row ``i % buffer_len`` of its s
 sequence never holds more than ``buffer_len`` cached positions however long it runs: the
 Mistral 7B paper's rolling buffer. The arithmetic and the slot allocator are torch-free, in
 :mod:`model.cache_layout`.
+
+The engine no longer uses slots: it runs on the paged rolling cache (:mod:`model.block_table`,
+:mod:`model.paged_cache`), whose memory follows each sequence's length. The slot pool stays
+as the reference design: the exactness tests run the model on both, and bench/paged_bench.py
+times the paged decode kernel against this one.
 """
 
 from __future__ import annotations

@@ -85,9 +85,9 @@ class EngineStats:
 
     waiting_sequences: int  # added and not yet holding a cache slot
     waiting_tokens: int  # prompt tokens not yet prefilled, over waiting and running sequences
-    running_sequences: int  # holding a cache slot
-    free_slots: int
-    total_slots: int
+    running_sequences: int  # holding cache blocks
+    free_slots: int  # sequences that may still start: max_num_seqs - running
+    total_slots: int  # max_num_seqs
     tokens_per_s: float  # measured throughput (prefill + decode tokens) over a recent window
     prefill_tokens_per_s: float  # measured prompt tokens/s in steps that ran prompt chunks
     kv_cache_bytes: int
@@ -101,3 +101,10 @@ class EngineStats:
     prompt_tokens_total: int = 0  # prompt tokens prefilled since start
     generated_tokens_total: int = 0  # tokens sampled since start
     recent_steps: tuple[StepRecord, ...] = ()  # the last few steps, oldest first
+    # The paged cache: blocks of block_size positions; a sequence holds at most
+    # blocks_per_sequence_max (R); preemptions_total counts sequences sent back for recompute.
+    free_blocks: int = 0
+    total_blocks: int = 0
+    block_size: int = 0
+    blocks_per_sequence_max: int = 0
+    preemptions_total: int = 0

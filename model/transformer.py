@@ -1,7 +1,10 @@
 """The Mistral-family decoder: RMSNorm, rotary, grouped-query sliding-window attention, SwiGLU.
 
 The model knows nothing of requests: a forward pass takes flat token ids and, per sequence, a
-:class:`SequenceChunk` (its cache slot, the position of its first token, how many tokens).
+:class:`~model.paged_cache.PagedChunk` (its block table, the position of its first token, how
+many tokens) against the paged cache the engine uses, or a :class:`SequenceChunk` (a slot)
+against the slot pool of :mod:`model.kv_cache`, the design the paged cache is measured and
+tested against.
 Sequences with one token and a cache are decodes and run batched; longer chunks are
 prefills that attend to their cached window plus themselves.
 """
@@ -23,6 +26,13 @@ from model.kv_cache import (
     PrefillPlan,
     SequenceChunk,
     plan_cache_access,
+)
+from model.paged_cache import (
+    PagedChunk,
+    PagedKVCache,
+    PagedPlan,
+    paged_layer_attention,
+    plan_paged_access,
 )
 from model.quantization import (
     INT8_PLANES,
@@ -84,7 +94,8 @@ class DecoderLayer(nn.Module):
         self.down_proj = Projection(config.intermediate_size, hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                plan: CachePlan | None, cache: KVCachePool | None) -> torch.Tensor:
+                plan: CachePlan | PagedPlan | None, cache: KVCachePool | PagedKVCache | None
+                ) -> torch.Tensor:
         """x: [N, hidden] for all chunks' tokens, concatenated in chunk order."""
         cfg = self.config
         num_tokens = x.shape[0]
@@ -103,11 +114,15 @@ class DecoderLayer(nn.Module):
         return self.down_proj(F.silu(gate).mul_(up)).add_(x)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   plan: CachePlan | None, cache: KVCachePool | None) -> torch.Tensor:
+                   plan: CachePlan | PagedPlan | None, cache: KVCachePool | PagedKVCache | None
+                   ) -> torch.Tensor:
         window = self.config.sliding_window
         if plan is None:  # no cache: one fresh sequence attends to itself
             return prefill_attention(q, k, v, 0, window)
-        assert cache is not None
+        if isinstance(plan, PagedPlan):
+            assert isinstance(cache, PagedKVCache)
+            return paged_layer_attention(q, k, v, plan, cache, self.layer_index, window)
+        assert isinstance(cache, KVCachePool)
         k_cache, v_cache = cache.k[self.layer_index], cache.v[self.layer_index]
         decode = plan.decode
         if decode is not None and decode.covers_batch:
@@ -254,8 +269,9 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.device
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, chunks: Sequence[SequenceChunk],
-                cache: KVCachePool | None = None, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, chunks: Sequence[SequenceChunk | PagedChunk],
+                cache: KVCachePool | PagedKVCache | None = None, all_logits: bool = False
+                ) -> torch.Tensor:
         """Run chunks of several sequences in one pass.
 
         token_ids: [N] flat, chunk after chunk. Returns logits [len(chunks), V] for each chunk's
@@ -271,12 +287,22 @@ class Transformer(nn.Module):
         positions = torch.tensor(position_list, device=token_ids.device)  # [N]
         cos, sin = self.rotary.cos_sin(positions, self.dtype,
                                        max(position_list, default=0))  # [N, 1, D]
+        plan: CachePlan | PagedPlan | None
         if cache is None:
             if len(chunks) != 1 or chunks[0].start_pos != 0:
                 raise ValueError("without a KV cache, run one sequence from position 0")
             plan = None
+        elif isinstance(cache, PagedKVCache):
+            paged = [c for c in chunks if isinstance(c, PagedChunk)]
+            if len(paged) != len(chunks):
+                raise TypeError("a paged cache takes PagedChunk chunks (block tables)")
+            plan = plan_paged_access(paged, cache.block_size, cache.table_len,
+                                     self.config.sliding_window, token_ids.device)
         else:
-            plan = plan_cache_access(chunks, cache.buffer_len, self.config.sliding_window,
+            slotted = [c for c in chunks if isinstance(c, SequenceChunk)]
+            if len(slotted) != len(chunks):
+                raise TypeError("a slot cache takes SequenceChunk chunks (slots)")
+            plan = plan_cache_access(slotted, cache.buffer_len, self.config.sliding_window,
                                      token_ids.device)
         x = self.embed_tokens(token_ids)  # [N, hidden]
         for layer in self.layers:
@@ -287,7 +313,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
 
-def _cumulative_ends(chunks: Sequence[SequenceChunk]) -> list[int]:
+def _cumulative_ends(chunks: Sequence[SequenceChunk | PagedChunk]) -> list[int]:
     ends, total = [], 0
     for chunk in chunks:
         total += chunk.num_tokens

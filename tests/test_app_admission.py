@@ -159,3 +159,38 @@ def test_microbatcher_groups_by_window_and_replica() -> None:
     asyncio.run(main())
     assert sent[:2] == [("a", [1, 3]), ("b", [2])]
     assert sent[-1] == ("a", [13])
+
+
+def blocks_snap(rid: str, *, free_blocks: int, free_slots: int = 30, waiting: int = 0,
+                tokens: int = 0, block_size: int = 16, rate: float = 200.0,
+                prefill_rate: float = 600.0) -> ReplicaLoad:
+    """A paged replica's report: 32 slots (max_num_seqs), blocks of 16, R = 256."""
+    return replica_load(rid, waiting_sequences=waiting, waiting_tokens=tokens,
+                        running_sequences=32 - free_slots, free_slots=free_slots,
+                        total_slots=32, tokens_per_s=rate, prefill_tokens_per_s=prefill_rate,
+                        healthy=True, free_blocks=free_blocks, total_blocks=1000,
+                        block_size=block_size, blocks_per_sequence_max=256)
+
+
+def test_docstring_example_predicts_wait_from_blocks() -> None:
+    b = board(blocks_snap("a", free_blocks=40, waiting=4, tokens=60))
+    b.finished("x", [100])  # sequences average 100 tokens: 7 blocks of 16
+    est = b.estimate("a")
+    assert b.startable(est) == 5  # 40 // 7, under the 30 free slots
+    assert b.predicted_wait(est, seqs=2) == pytest.approx(60 / 600 + 1 * 100 / 200)
+
+
+def test_free_blocks_not_free_slots_decide_who_waits() -> None:
+    """Two replicas with the same free slots: the one whose pool is nearly full is predicted
+    to make a new request wait and loses; with no blocks left anywhere the queue fills."""
+    roomy, crowded = blocks_snap("roomy", free_blocks=500), blocks_snap("crowded",
+                                                                        free_blocks=3)
+    b = board(crowded, roomy)
+    b.finished("x", [300])  # 19 blocks a sequence
+    assert b.predicted_wait(b.estimate("crowded")) > 0
+    assert b.predicted_wait(b.estimate("roomy")) == 0
+    decision = b.admit("r", prompt_tokens=20)
+    assert isinstance(decision, Accepted) and decision.replica_id == "roomy"
+    full = board(blocks_snap("a", free_blocks=0, waiting=32), max_waiting=32)
+    full.finished("x", [300])
+    assert isinstance(full.admit("r", prompt_tokens=20), Shed)

@@ -134,18 +134,18 @@ def test_n_choices_are_sampled_independently(engine: Engine) -> None:
 
 
 def test_request_over_the_limit_is_refused_before_taking_a_slot(engine: Engine) -> None:
-    free = engine.cache.allocator.num_free
+    free = engine.cache.pool.num_free
     with pytest.raises(EngineRequestError, match="exceeds the model's limit of 256"):
         engine.add(GenerationRequest("big", prompt(250, 0), greedy(10)))
     with pytest.raises(EngineRequestError, match="empty"):
         engine.add(GenerationRequest("empty", (), greedy(10)))
-    assert engine.cache.allocator.num_free == free
+    assert engine.cache.pool.num_free == free
     assert not engine.scheduler.has_work
 
 
 def test_streaming_and_cancel_free_the_slot_within_one_step(engine: Engine) -> None:
     async def scenario() -> tuple[list[str], int, int]:
-        total = engine.cache.num_slots
+        total = engine.cache.num_blocks
         texts = []
         stream = engine.generate(GenerationRequest("stream", prompt(6, 4), greedy(200)))
         async for chunk in stream:
@@ -153,11 +153,11 @@ def test_streaming_and_cancel_free_the_slot_within_one_step(engine: Engine) -> N
             if len(texts) == 3:
                 break
         await stream.aclose()
-        busy = engine.stats().free_slots
+        busy = engine.stats().free_blocks
         # one more step of any request is enough for the abort to free the slot
         async for _ in engine.generate(GenerationRequest("next", prompt(4, 3), greedy(1))):
             pass
-        return texts, busy, engine.stats().free_slots - total
+        return texts, busy, engine.stats().free_blocks - total
 
     texts, _, leaked = asyncio.run(scenario())
     assert len(texts) == 3
@@ -165,18 +165,19 @@ def test_streaming_and_cancel_free_the_slot_within_one_step(engine: Engine) -> N
 
 
 def test_abort_frees_the_slot_at_the_very_next_step(engine: Engine) -> None:
-    total = engine.cache.num_slots
+    total = engine.cache.num_blocks
     engine.add(GenerationRequest("doomed", prompt(6, 5), greedy(200)))
-    for _ in range(3):  # prefill, then decodes: the request holds a slot
+    for _ in range(3):  # prefill, then decodes: the request holds one block (8 positions)
         engine.step()
-    assert engine.stats().free_slots == total - 1
+    assert engine.stats().free_blocks == total - 1
+    assert engine.stats().free_slots == engine.stats().total_slots - 1
     engine.abort("doomed")
-    assert engine.stats().free_slots == total - 1  # nothing happens until a step runs
+    assert engine.stats().free_blocks == total - 1  # nothing happens until a step runs
     outputs = engine.step()
     assert [(c.request_id, c.finish_reason) for c in outputs
             if isinstance(c, GenerationChunk)] == [("doomed", "abort")]
     assert len(outputs) == 1
-    assert engine.stats().free_slots == total and not engine.has_work
+    assert engine.stats().free_blocks == total and not engine.has_work
 
 
 def test_waiting_counts_sequences_also_before_a_step_takes_the_request(engine: Engine) -> None:
@@ -201,11 +202,15 @@ def test_stats_report_load_and_a_busy_time_drain_rate(engine: Engine) -> None:
     during = engine.stats()
     assert during.running_sequences == 3 and during.waiting_sequences == 0
     assert during.free_slots == during.total_slots - 3
-    assert during.kv_cache_used_bytes == 3 * during.kv_cache_bytes // during.total_slots
+    per_block = during.kv_cache_bytes // during.total_blocks
+    blocks_each = -(-30 // during.block_size)  # a 30-token prompt's blocks
+    assert during.total_blocks - during.free_blocks == 3 * blocks_each
+    assert during.kv_cache_used_bytes == 3 * blocks_each * per_block
     while engine.scheduler.has_work:
         engine.step()
     after = engine.stats()
     assert after.tokens_per_s > 0 and after.free_slots == after.total_slots
+    assert after.free_blocks == after.total_blocks
 
 
 class FakeClock:
@@ -232,7 +237,7 @@ def test_rates_count_busy_time_and_outlive_idle_spells(engine: Engine, monkeypat
         started = clock.now
         clock.now += seconds
         engine.step_metrics.record_throughput(
-            started, [ScheduledChunk("s", 0, start_pos, num_tokens, samples=True)])
+            started, [ScheduledChunk("s", (), start_pos, num_tokens, samples=True)])
 
     step(0, 48, 0.05)  # a 48-token prompt chunk
     for i in range(24):  # then 24 decode steps
@@ -282,7 +287,8 @@ def test_async_loop_survives_a_failed_step_and_drains_on_shutdown(swa_checkpoint
         last = await running
         with pytest.raises(EngineShuttingDown):
             await collect(GenerationRequest("late", prompt(6, 9), greedy(2)))
-        return again, last, healthy_after_failure, fresh.cache.allocator.num_free == 4
+        all_free = fresh.cache.pool.num_free == fresh.cache.num_blocks
+        return again, last, healthy_after_failure, all_free
 
     again, last, healthy_after_failure, all_free = asyncio.run(scenario())
     assert healthy_after_failure

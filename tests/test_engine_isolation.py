@@ -93,7 +93,7 @@ def check_isolated(engine: Engine, results: list[list[GenerationChunk]],
     assert sorted(c.index for c in bad if c.finish_reason == "error") == list(range(n_bad))
     assert all(c.finish_reason in (None, "error") for c in bad)
     # nothing is left behind, and the engine goes on serving
-    assert engine.healthy and engine.cache.allocator.num_free == engine.cache.num_slots
+    assert engine.healthy and engine.cache.pool.num_free == engine.cache.num_blocks
     assert not engine.sequences and not engine.request_sequences
     again = others()[0]
     assert [c.token_ids for c in engine.run_to_completion([again])] == solo(engine, again)

@@ -2,7 +2,7 @@
 
 ``generate(request)`` streams a request's :class:`GenerationChunk` objects to its caller;
 steps run back to back in one worker thread while there is work. Cancelling a caller's
-iterator, or ``abort(id)``, frees its slots at the start of the next step.
+iterator, or ``abort(id)``, frees its blocks at the start of the next step.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from model.engine.types import (
     RequestFailure,
     StepOutput,
 )
-from model.kv_cache import KVCachePool
 from model.omp_threads import release_omp_threads
+from model.paged_cache import PagedKVCache
 from model.requests import GenerationChunk, GenerationRequest
 from model.scheduler import SchedulerConfig
 from model.tokenizers import Tokenizer
@@ -37,7 +37,7 @@ IDLE_WAKE_S = 0.5
 class AsyncEngine(EngineCore):
     """The engine as the replica uses it: the synchronous core plus a stepping thread."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: KVCachePool,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: PagedKVCache,
                  scheduler_config: SchedulerConfig, max_model_len: int,
                  model_name: str = "model") -> None:
         super().__init__(model, tokenizer, cache, scheduler_config, max_model_len, model_name)
@@ -51,7 +51,7 @@ class AsyncEngine(EngineCore):
         self._loop_error: BaseException | None = None
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its slots are freed at the start of the next step."""
+        """Cancel a request; its blocks are freed at the start of the next step."""
         super().abort(request_id)
         self._wake.set()
 

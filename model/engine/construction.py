@@ -1,7 +1,7 @@
-"""Building an engine from ``EngineArgs``: device, dtype, weights, tokenizer, cache pool.
+"""Building an engine from ``EngineArgs``: device, dtype, weights, tokenizer, paged KV pool.
 
 Kept apart from the step loop: this runs once per replica, and everything it decides (which
-device, which dtype, how many sequences the KV budget holds) is fixed afterwards.
+device, which dtype, how many blocks the KV budget holds) is fixed afterwards.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from model.config import ModelConfig
 from model.default_model import default_model_path, model_name_for
 from model.engine.types import EngineRequestError
 from model.engine_args import EngineArgs
-from model.kv_cache import CacheGeometry, KVCachePool
 from model.omp_threads import release_omp_threads
+from model.paged_cache import (
+    DEFAULT_CPU_BLOCK_SIZE,
+    DEFAULT_CUDA_BLOCK_SIZE,
+    PagedGeometry,
+    PagedKVCache,
+)
 from model.quantization import resolve_quantization
 from model.scheduler import SchedulerConfig
 from model.tokenizers import Tokenizer, load_tokenizer
@@ -58,7 +63,7 @@ class EngineParts:
 
     model: Transformer
     tokenizer: Tokenizer
-    cache: KVCachePool
+    cache: PagedKVCache
     scheduler_config: SchedulerConfig
     max_model_len: int
     model_name: str
@@ -88,8 +93,8 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
                                               DEFAULT_MAX_MODEL_LEN)
     cache = _cache_pool(args, config, max_model_len, dtype, device)
     scheduler_config = SchedulerConfig(
-        max_num_seqs=cache.num_slots,
-        max_num_batched_tokens=max(args.max_num_batched_tokens, cache.num_slots),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
         prefill_chunk=args.prefill_chunk or args.max_num_batched_tokens,
     )
     release_omp_threads()  # the loading thread's workers would throttle the stepping one's
@@ -98,12 +103,21 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
 
 
 def _cache_pool(args: EngineArgs, config: ModelConfig, max_model_len: int, dtype: torch.dtype,
-                device: torch.device) -> KVCachePool:
-    geometry = CacheGeometry.for_model(config, max_model_len, dtype)
+                device: torch.device) -> PagedKVCache:
+    """The paged pool: as many blocks as the budget holds, at least one full table (R blocks)
+    so that a sequence of ``max_model_len`` tokens always fits alone, and no more than
+    ``max_num_seqs`` full tables (blocks beyond those could never be held at once)."""
+    block_size = args.block_size or (DEFAULT_CUDA_BLOCK_SIZE if device.type == "cuda"
+                                     else DEFAULT_CPU_BLOCK_SIZE)
+    if block_size < 1:
+        raise EngineRequestError(f"block_size must be positive, got {block_size}")
+    geometry = PagedGeometry.for_model(config, max_model_len, dtype, block_size)
     budget = args.kv_cache_memory or default_kv_budget(device)
-    num_slots = min(args.max_num_seqs, geometry.slots_for_budget(budget))
-    if num_slots < 1:
+    num_blocks = min(geometry.blocks_for_budget(budget), args.max_num_seqs * geometry.table_len)
+    if num_blocks < geometry.table_len:
         raise EngineRequestError(
-            f"KV cache budget {budget} bytes holds no sequence: one slot needs "
-            f"{geometry.bytes_per_slot} bytes (lower max_model_len or raise kv_cache_memory)")
-    return KVCachePool(geometry, num_slots, dtype, device)
+            f"KV cache budget {budget} bytes holds {num_blocks} blocks of {block_size} "
+            f"positions; one sequence may need {geometry.table_len} "
+            f"({geometry.table_len * geometry.bytes_per_block} bytes): lower max_model_len "
+            "or raise kv_cache_memory")
+    return PagedKVCache(geometry, num_blocks, dtype, device)

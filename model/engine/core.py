@@ -3,9 +3,9 @@
 ``step()`` reads as schedule -> execute -> update: the scheduler picks the step's chunks, the
 :class:`~model.engine.model_runner.ModelRunner` runs them and samples, the
 :class:`~model.engine.output_processor.OutputProcessor` turns the draws into chunks, and
-finished sequences give their slots back. A request that fails inside a step (building its
+finished sequences give their blocks back. A request that fails inside a step (building its
 sequences, sampling, detokenizing) finishes with ``error`` alone; the rest of the batch
-carries on. ``abort(id)`` frees a request's slots at the start of the next step. The thread
+carries on. ``abort(id)`` frees a request's blocks at the start of the next step. The thread
 and asyncio streams on top are in :mod:`model.engine.async_engine`.
 """
 
@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import torch
 
+from model.block_table import BlockManager
+from model.cache_layout import buffer_len_for
 from model.config import ModelConfig
 from model.engine.construction import EngineParts, build_engine_parts
 from model.engine.model_runner import ModelRunner
@@ -36,8 +38,8 @@ from model.engine.types import (
     StepOutput,
 )
 from model.engine_args import EngineArgs
-from model.kv_cache import KVCachePool
 from model.omp_threads import release_omp_threads
+from model.paged_cache import PagedKVCache
 from model.requests import EngineStats, FinishReason, GenerationChunk, GenerationRequest
 from model.sampling_params import SamplingParams
 from model.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
@@ -51,15 +53,18 @@ _Engine = TypeVar("_Engine", bound="EngineCore")
 class EngineCore:
     """Serves many requests at once on one model, one synchronous step at a time."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: KVCachePool,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, cache: PagedKVCache,
                  scheduler_config: SchedulerConfig, max_model_len: int,
                  model_name: str = "model") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cache = cache
-        self.scheduler = Scheduler(scheduler_config, cache.allocator)
+        self.blocks = BlockManager(cache.pool, cache.block_size, cache.table_len)
+        self.scheduler = Scheduler(scheduler_config, self.blocks)
         self.runner = ModelRunner(model, cache)
-        self.outputs = OutputProcessor(tokenizer, cache.buffer_len)
+        # W as attention sees it (the context when there is no window); the ring holds R*B
+        self.window_tokens = buffer_len_for(model.config.sliding_window, max_model_len)
+        self.outputs = OutputProcessor(tokenizer, self.window_tokens)
         self.max_model_len = max_model_len
         self.model_name = model_name
         self.sequences: dict[str, SequenceState] = {}
@@ -86,7 +91,7 @@ class EngineCore:
 
     # Requests in ----------------------------------------------------------------------
     def validate(self, request: GenerationRequest) -> None:
-        """Refuse what can never run, before it takes a slot."""
+        """Refuse what can never run, before it takes a block."""
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
             raise EngineRequestError("the prompt is empty")
@@ -97,9 +102,10 @@ class EngineCore:
         vocab = self.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise EngineRequestError(f"prompt token ids must be in [0, {vocab})")
-        if request.params.n > self.cache.num_slots:
+        max_seqs = self.scheduler.config.max_num_seqs
+        if request.params.n > max_seqs:
             raise EngineRequestError(
-                f"n={request.params.n} exceeds the {self.cache.num_slots} sequences this "
+                f"n={request.params.n} exceeds the {max_seqs} sequences this "
                 "engine can run at once")
 
     def add(self, request: GenerationRequest) -> None:
@@ -138,7 +144,7 @@ class EngineCore:
         self.request_sequences[request.request_id] = [seq.seq_id for seq in seqs]
 
     def abort(self, request_id: str) -> None:
-        """Cancel a request; its slots are freed at the start of the next step."""
+        """Cancel a request; its blocks are freed at the start of the next step."""
         self._pending_aborts.append(request_id)
 
     @property
@@ -169,7 +175,9 @@ class EngineCore:
         return outputs
 
     def _step_figures(self, scheduled: list[ScheduledChunk]) -> StepFigures:
-        window = self.cache.buffer_len
+        # a position >= W pushes the oldest one out of the window (its row is dead and is
+        # overwritten when the ring of R*B rows comes round): the metric counts those
+        window = self.window_tokens
         prompt = overwritten = 0
         for chunk in scheduled:
             end = chunk.start_pos + chunk.num_tokens
@@ -193,7 +201,7 @@ class EngineCore:
         return outputs
 
     def _expire_deadlines(self) -> list[StepOutput]:
-        """Requests none of whose sequences got a slot before their deadline are dropped."""
+        """Requests none of whose sequences started before their deadline are dropped."""
         now = time.monotonic()
         expired = {s.request.request_id for s in self.sequences.values()
                    if s.request.deadline is not None and s.request.deadline < now}
@@ -231,7 +239,7 @@ class EngineCore:
     def _error_chunks(self, request: GenerationRequest, exc: BaseException
                       ) -> list[StepOutput]:
         """End a request that failed inside a step: each of its unfinished choices finishes
-        with ``error``, its slots are freed, and the rest of the batch carries on."""
+        with ``error``, its blocks are freed, and the rest of the batch carries on."""
         logger.error("request %s failed inside an engine step (%s: %s); the rest of the batch "
                      "carries on", request.request_id, type(exc).__name__, exc,
                      exc_info=(type(exc), exc, exc.__traceback__))
@@ -318,17 +326,24 @@ class EngineCore:
             waiting_tokens = self.scheduler.waiting_tokens + sum(
                 len(r.prompt_token_ids) * r.params.n for r in pending)
             running = len(self.scheduler.running)
-            window = self.cache.buffer_len
+            window = self.window_tokens
             past_window = sum(1 for s in self.scheduler.running.values()
-                              if s.num_computed > window)  # cached past W: ring wrapped
+                              if s.num_computed > window)  # cached past W
+            free_blocks = self.cache.pool.num_free
+            preemptions = self.scheduler.preemptions_total
             samples, prefill_samples, totals, recent = self.step_metrics.snapshot()
         rate, prefill_rate = StepMetrics.rates(samples, prefill_samples)
         return EngineStats(
             waiting_sequences=waiting_sequences,
             waiting_tokens=waiting_tokens,
             running_sequences=running,
-            free_slots=self.cache.allocator.num_free,
-            total_slots=self.cache.num_slots,
+            free_slots=max(0, self.scheduler.config.max_num_seqs - running),
+            total_slots=self.scheduler.config.max_num_seqs,
+            free_blocks=free_blocks,
+            total_blocks=self.cache.num_blocks,
+            block_size=self.cache.block_size,
+            blocks_per_sequence_max=self.cache.table_len,
+            preemptions_total=preemptions,
             tokens_per_s=rate,
             prefill_tokens_per_s=prefill_rate,
             kv_cache_bytes=self.cache.total_bytes,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from model.engine.types import ModelRunnerOutput, SampledToken, SamplingFailure, SequenceState
-from model.kv_cache import KVCachePool, SequenceChunk
+from model.paged_cache import PagedChunk, PagedKVCache
 from model.sampler import SamplingRow, sample
 from model.scheduler import ScheduledChunk
 from model.transformer import Transformer
@@ -23,9 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Runs the model on one step's chunks against the KV cache pool and samples."""
+    """Runs the model on one step's chunks against the paged KV cache and samples."""
 
-    def __init__(self, model: Transformer, cache: KVCachePool) -> None:
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model = model
         self.cache = cache
 
@@ -38,7 +38,7 @@ class ModelRunner:
             seq = sequences[chunk.seq_id]
             tokens.extend(seq.token_ids[chunk.start_pos:chunk.start_pos + chunk.num_tokens])
         token_ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)  # [N]
-        chunks = [SequenceChunk(c.slot, c.start_pos, c.num_tokens) for c in scheduled]
+        chunks = [PagedChunk(c.block_table, c.start_pos, c.num_tokens) for c in scheduled]
         logits = self.model(token_ids, chunks, self.cache)  # [num_chunks, V]
         rows_index = [i for i, c in enumerate(scheduled) if c.samples]
         if not rows_index:

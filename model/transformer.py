@@ -225,15 +225,7 @@ class Transformer(nn.Module):
                 return [Int8Weight(tensors[name], scales[name])]
             return quantize_planes(tensors[name], planes)
 
-        head = "lm_head.weight" if "lm_head.weight" in tensors else "embed_tokens.weight"
-        # projection -> the canonical weights it fuses, in output-row order
-        fused: dict[str, list[str]] = {"lm_head": [head]}
-        for i in range(config.num_layers):
-            p = f"layers.{i}."
-            fused[p + "qkv_proj"] = [p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")]
-            fused[p + "o_proj"] = [p + "self_attn.o_proj.weight"]
-            fused[p + "gate_up_proj"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-            fused[p + "down_proj"] = [p + "mlp.down_proj.weight"]
+        fused = fused_projections(config, tied="lm_head.weight" not in tensors)
         state: dict[str, torch.Tensor] = {
             "embed_tokens.weight": fp32("embed_tokens.weight"),
             "norm.weight": tensors["norm.weight"],
@@ -311,6 +303,20 @@ class Transformer(nn.Module):
             last = torch.tensor(list(_cumulative_ends(chunks)), device=x.device) - 1
             x = x[last]  # [num_chunks, hidden]
         return self.lm_head(self.norm(x)).float()
+
+
+def fused_projections(config: ModelConfig, tied: bool) -> dict[str, list[str]]:
+    """Each projection module -> the canonical weights it fuses, in output-row order (a tied
+    LM head reads the embedding)."""
+    fused: dict[str, list[str]] = {
+        "lm_head": ["embed_tokens.weight" if tied else "lm_head.weight"]}
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        fused[p + "qkv_proj"] = [p + f"self_attn.{n}_proj.weight" for n in ("q", "k", "v")]
+        fused[p + "o_proj"] = [p + "self_attn.o_proj.weight"]
+        fused[p + "gate_up_proj"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        fused[p + "down_proj"] = [p + "mlp.down_proj.weight"]
+    return fused
 
 
 def _cumulative_ends(chunks: Sequence[SequenceChunk | PagedChunk]) -> list[int]:

@@ -19,6 +19,7 @@ import argparse
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -79,10 +80,12 @@ def measure(threads: int | None = None) -> dict[str, float]:
             int8 = 0.0
             if "fbgemm" in torch.backends.quantized.supported_engines:
                 m, k, out = 256, 2048, 2048
-                weight = torch.quantize_per_channel(
-                    torch.randn(out, k) * 0.05, torch.full((out,), 0.05 / 127),
-                    torch.zeros(out, dtype=torch.long), 0, torch.qint8)
-                packed = torch.ops.quantized.linear_prepack(weight, None)
+                with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm not
+                    warnings.simplefilter("ignore")
+                    weight = torch.quantize_per_channel(
+                        torch.randn(out, k) * 0.05, torch.full((out,), 0.05 / 127),
+                        torch.zeros(out, dtype=torch.long), 0, torch.qint8)
+                    packed = torch.ops.quantized.linear_prepack(weight, None)
                 x = torch.randn(m, k)
                 int8 = 2 * m * k * out / _best_s(
                     lambda: torch.ops.quantized.linear_dynamic(x, packed, True), 10) / 1e9

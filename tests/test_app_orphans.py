@@ -24,7 +24,7 @@ from tests.conftest import FakeEngine, fake_status
 
 
 def batch(prefix: str, count: int, max_tokens: int) -> list[BatchItem]:
-    return [BatchItem(GenerationRequest(f"{prefix}{i}", [1, 2, 3],
+    return [BatchItem(GenerationRequest(f"{prefix}{i}", (1, 2, 3),
                                         SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
             for i in range(count)]
 
@@ -67,7 +67,7 @@ def test_a_silent_callers_requests_are_aborted_and_a_polling_callers_run_on() ->
             await asyncio.sleep(0.01)
         chunks = [e for events in [ev async for ev in live] for e in events
                   if isinstance(e, GenerationChunk)]
-        await dead.aclose()
+        await dead.aclose()  # type: ignore[attr-defined]
         return chunks
 
     chunks = asyncio.run(main())
@@ -92,7 +92,7 @@ def test_the_reaper_runs_by_itself_and_frees_the_slots() -> None:
         while engine.running:  # nothing calls again: the reaper must notice alone
             assert loop.time() - began < 30, engine.running
             await asyncio.sleep(0.05)
-        await stream.aclose()
+        await stream.aclose()  # type: ignore[attr-defined]
         return loop.time() - began
 
     asyncio.run(main())

@@ -58,7 +58,7 @@ DEFAULT_ORPHAN_TIMEOUT_S = 10.0
 # nothing. stats() scales both rates by the measured wall-clock share over this window.
 WALL_RATE_WINDOW_S = 10.0
 WALL_RATE_MIN_BUSY_S = 1.0  # busy wall time the window needs before it corrects anything
-WALL_SHARE_FLOOR = 0.1  # a correction never claims the engine drains < 10% of its step rate
+WALL_SHARE_FLOOR = 0.5  # a correction at most doubles a predicted wait (measured 0.48-0.68 loaded)
 
 
 @dataclass(frozen=True)

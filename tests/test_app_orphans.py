@@ -196,4 +196,4 @@ def test_reported_rates_are_what_the_replica_drains_per_wall_clock_second() -> N
     assert snap.tokens_per_s == pytest.approx(100.0)
     for _ in range(60):  # never above the engine's own figure, never below the floor
         snap = poll(0.2, 0)
-    assert snap.tokens_per_s == pytest.approx(10.0)
+    assert snap.tokens_per_s == pytest.approx(50.0)

@@ -47,18 +47,21 @@ def start_ringserve(port: int, app_args: list[str], log: Path) -> subprocess.Pop
                              "--log-file", "-", *app_args], stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"ringserve serve exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop(proc)
-            raise SystemExit(f"ringserve serve did not become healthy; see {log}")
-        time.sleep(2)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"ringserve serve exited ({proc.returncode}); see {log}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"ringserve serve did not become healthy; see {log}")
+            time.sleep(2)
+    except BaseException:  # Ctrl-C too: never leave the server (its own session) behind
+        stop(proc)
+        raise
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -212,9 +212,9 @@ class LLMServer:
         finally:
             for request_id in mine:
                 self._caller_of.pop(request_id, None)
-                task = self._tasks.pop(request_id, None)
-                if task is not None and not task.done():
-                    task.cancel()
+                running = self._tasks.pop(request_id, None)
+                if running is not None and not running.done():
+                    running.cancel()
 
     async def _pump(self, request: GenerationRequest, queue: asyncio.Queue[Event | None],
                     stream: bool = True) -> None:
@@ -286,7 +286,7 @@ class LLMServer:
         intervals, or when the engine has no rate yet.
         """
         now = self._clock()
-        busy = s.running_sequences > 0 or s.waiting_requests > 0
+        busy = s.running_sequences > 0 or s.waiting_sequences > 0
         self._work_samples.append((now, s.prompt_tokens_total + s.generated_tokens_total, busy))
         while self._work_samples and self._work_samples[0][0] < now - WALL_RATE_WINDOW_S:
             self._work_samples.popleft()

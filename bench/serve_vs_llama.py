@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 
 def start_ringserve(port: int, app_args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """``ringserve serve`` in its own process group; returns once /health answers 200."""
-    out = open(log, "wb")  # noqa: SIM115 - the child keeps it; closed with the process
+    out = open(log, "wb")  # the child keeps it; closed with the process
     proc = subprocess.Popen([str(BIN / "ringserve"), "serve", "--port", str(port),
                              "--log-file", "-", *app_args], stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)

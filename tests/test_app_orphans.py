@@ -182,18 +182,18 @@ def test_reported_rates_are_what_the_replica_drains_per_wall_clock_second() -> N
         return asyncio.run(server.stats())
 
     first = poll(0.0, 0)
-    assert first.tokens_per_s == 100.0  # nothing measured yet: the engine's own rate
+    assert first.stats.tokens_per_s == 100.0  # nothing measured yet: the engine's own rate
     for _ in range(10):  # 2 s of work at 50 tokens per wall second: steps take half the time
         snap = poll(0.2, 10)
-    assert snap.tokens_per_s == pytest.approx(50.0)
-    assert snap.prefill_tokens_per_s == pytest.approx(200.0)  # scaled alike
+    assert snap.stats.tokens_per_s == pytest.approx(50.0)
+    assert snap.stats.prefill_tokens_per_s == pytest.approx(200.0)  # scaled alike
     engine.busy = False
     for _ in range(5):  # an idle stretch is not slowness: it does not count
         snap = poll(1.0, 0)
     engine.busy = True
     for _ in range(60):  # 12 s at the full rate: the slow stretch has left the window
         snap = poll(0.2, 20)
-    assert snap.tokens_per_s == pytest.approx(100.0)
+    assert snap.stats.tokens_per_s == pytest.approx(100.0)
     for _ in range(60):  # never above the engine's own figure, never below the floor
         snap = poll(0.2, 0)
-    assert snap.tokens_per_s == pytest.approx(50.0)
+    assert snap.stats.tokens_per_s == pytest.approx(50.0)

@@ -16,6 +16,7 @@ from app.edge import (
     DEFAULT_STALL_TIMEOUT_S,
     EdgeLimits,
 )
+from app.llm_server import DEFAULT_ORPHAN_TIMEOUT_S
 from model.engine_args import DEFAULT_QUANTIZATION, EngineArgs
 
 
@@ -108,6 +109,11 @@ class AppConfig(BaseModel):
     router_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per router replica.")
     router_replicas: int = Field(1, ge=1, description="Router (HTTP ingress) replicas.")
     health_check_period_s: float = Field(5.0, gt=0, description="Replica health check period.")
+    orphan_timeout_s: float | None = Field(
+        DEFAULT_ORPHAN_TIMEOUT_S, gt=0, description="An LLM replica aborts the requests of a "
+        "router replica that has not called it (its load polls are the heartbeat) for this "
+        "long: the router died and nobody reads those streams; null: never."
+    )
     graceful_shutdown_timeout_s: float = Field(
         60.0, ge=0, description="How long a stopping replica lets running requests finish."
     )
@@ -181,10 +187,10 @@ class AppConfig(BaseModel):
     def _blank_is_none(cls, value: Any) -> Any:
         return None if value in ("", "default") else value
 
-    @field_validator("stream_stall_timeout_s", mode="before")
+    @field_validator("stream_stall_timeout_s", "orphan_timeout_s", mode="before")
     @classmethod
     def _never(cls, value: Any) -> Any:
-        """`serve run ... stream_stall_timeout_s=none` (or 0) turns the stall check off."""
+        """`serve run ... stream_stall_timeout_s=none` (or 0) turns the check off."""
         if isinstance(value, str) and value.strip().lower() in ("", "none", "null", "0"):
             return None
         return None if value == 0 else value
@@ -196,6 +202,15 @@ class AppConfig(BaseModel):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else None
         return value
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> AppConfig:
+        """A live router polls every stats_interval_s; a timeout near that aborts live work."""
+        if (self.orphan_timeout_s is not None
+                and self.orphan_timeout_s < 5 * self.stats_interval_s):
+            raise ValueError("orphan_timeout_s must be at least 5 x stats_interval_s (the "
+                             "router's load polls are its heartbeat)")
+        return self
 
     def accepted_keys(self) -> tuple[str, ...]:
         """``api_keys`` and the keys of ``api_keys_file`` (read now)."""

@@ -4,9 +4,15 @@ The router calls ``generate_batch`` with every request it gathered in one batchi
 replica starts them all on its engine (they join the running continuous batch) and streams back
 lists of events, one list per wake-up: first a :class:`Routed` naming the replica, then
 :class:`GenerationChunk` objects and per-request :class:`ItemError` objects. Closing the stream
-(the router's client left, or the router died) aborts every request still running in it;
-``abort`` cancels single requests. A plain class: the builder in ``app.main`` wraps it in a
-Serve deployment, and tests drive it with a fake engine.
+(the router's client left) aborts every request still running in it; ``abort`` cancels single
+requests.
+
+A router that dies does not close its streams: Ray lets a replica's stream run on when its
+caller is gone. So every call names its ``caller`` (the router replica), the router's load
+polls (every ``stats_interval_s``) double as its heartbeat, and a caller silent for
+``orphan_timeout_s`` has its requests aborted here (:meth:`LLMServer.reap_orphans`), which
+frees their cache slots. A plain class: the builder in ``app.main`` wraps it in a Serve
+deployment, and tests drive it with a fake engine.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -42,6 +49,16 @@ class EngineLike(Protocol):
 
 
 EngineFactory = Callable[[], EngineLike]
+
+# A router polls each replica's load every stats_interval_s (0.2 s by default); silent this
+# long, it is taken for dead (Serve takes ~10 s to restart one) and its requests are aborted.
+DEFAULT_ORPHAN_TIMEOUT_S = 10.0
+# The engine measures its rates over the seconds its steps took; between steps (the event
+# loop forwarding chunks, GIL hand-offs, a neighbour's job holding the core) it drains
+# nothing. stats() scales both rates by the measured wall-clock share over this window.
+WALL_RATE_WINDOW_S = 10.0
+WALL_RATE_MIN_BUSY_S = 1.0  # busy wall time the window needs before it corrects anything
+WALL_SHARE_FLOOR = 0.5  # a correction at most doubles a predicted wait (measured 0.48-0.68 loaded)
 
 
 @dataclass(frozen=True)
@@ -93,21 +110,73 @@ class LLMServer:
 
     def __init__(self, engine_factory: EngineFactory, replica_id: str | None = None,
                  drain_timeout_s: float = 60.0,
-                 status_of: Callable[[BaseException], int] = error_status) -> None:
+                 orphan_timeout_s: float | None = DEFAULT_ORPHAN_TIMEOUT_S,
+                 status_of: Callable[[BaseException], int] = error_status,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine_factory()
-        self.replica_id = replica_id or _serve_replica_id() or uuid.uuid4().hex[:8]
+        self.replica_id = replica_id or serve_replica_id() or uuid.uuid4().hex[:8]
         self._drain_timeout_s = drain_timeout_s
         self._status_of = status_of
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._metrics = ReplicaMetrics(self.engine.model_name)
         self._draining = False
+        self._orphan_timeout_s = orphan_timeout_s
+        self._clock = clock
+        self._caller_seen: dict[str, float] = {}  # caller -> when it last called
+        self._caller_of: dict[str, str] = {}  # request id -> the caller that started it
+        self._reaper: asyncio.Task[None] | None = None
+        self.orphans_aborted = 0  # requests aborted because their caller fell silent
+        # (when, prompt + generated tokens so far, had work): one per stats() call
+        self._work_samples: deque[tuple[float, int, bool]] = deque()
+
+    # Callers (router replicas) ------------------------------------------------------
+    def _seen(self, caller: str | None) -> None:
+        """A call from ``caller`` proves it alive; start the orphan reaper on first use."""
+        if caller is None or self._orphan_timeout_s is None:
+            return
+        self._caller_seen[caller] = self._clock()
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        assert self._orphan_timeout_s is not None
+        period = min(1.0, self._orphan_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.reap_orphans()
+
+    def reap_orphans(self) -> int:
+        """Abort the requests of every caller silent for ``orphan_timeout_s``; how many."""
+        if self._orphan_timeout_s is None:
+            return 0
+        now = self._clock()
+        silent = {c for c, seen in self._caller_seen.items()
+                  if now - seen > self._orphan_timeout_s}
+        if not silent:
+            return 0
+        orphans = [rid for rid, c in self._caller_of.items() if c in silent]
+        for caller in silent:
+            del self._caller_seen[caller]
+        for request_id in orphans:
+            self._caller_of.pop(request_id, None)
+            task = self._tasks.pop(request_id, None)
+            if task is not None and not task.done():
+                task.cancel()
+            self.engine.abort(request_id)
+        if orphans:
+            self.orphans_aborted += len(orphans)
+            logger.warning("aborted %d orphaned request(s) of router %s (silent for over "
+                           "%gs): %s", len(orphans), ",".join(sorted(silent)),
+                           self._orphan_timeout_s, ",".join(orphans))
+        return len(orphans)
 
     # Calls from the router ------------------------------------------------------------
-    async def generate_batch(self, items: Sequence[BatchItem], target: str | None = None
-                             ) -> AsyncIterator[list[Event]]:
+    async def generate_batch(self, items: Sequence[BatchItem], target: str | None = None,
+                             caller: str | None = None) -> AsyncIterator[list[Event]]:
         """Start every request of the batch; stream their events until all have ended."""
         del target  # only the request router reads it
         self.engine.start()
+        self._seen(caller)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         mine: list[str] = []
         first: list[Event] = [Routed(self.replica_id)]
@@ -126,6 +195,8 @@ class LLMServer:
             task = asyncio.get_running_loop().create_task(
                 self._pump(request, queue, item.stream))
             self._tasks[request.request_id] = task
+            if caller is not None:
+                self._caller_of[request.request_id] = caller
             mine.append(request.request_id)
         yield first
         remaining = len(mine)
@@ -140,6 +211,7 @@ class LLMServer:
                     yield out
         finally:
             for request_id in mine:
+                self._caller_of.pop(request_id, None)
                 running = self._tasks.pop(request_id, None)
                 if running is not None and not running.done():
                     running.cancel()
@@ -175,11 +247,14 @@ class LLMServer:
         finally:
             queue.put_nowait(None)
 
-    async def abort(self, request_ids: Sequence[str], target: str | None = None) -> int:
+    async def abort(self, request_ids: Sequence[str], target: str | None = None,
+                    caller: str | None = None) -> int:
         """Cancel requests running here (their slots free within one engine step)."""
         del target
+        self._seen(caller)
         found = 0
         for request_id in request_ids:
+            self._caller_of.pop(request_id, None)
             task = self._tasks.pop(request_id, None)
             if task is not None:
                 found += 1
@@ -187,18 +262,48 @@ class LLMServer:
             self.engine.abort(request_id)
         return found
 
-    async def stats(self, target: str | None = None) -> ReplicaLoad:
+    async def stats(self, target: str | None = None, caller: str | None = None
+                    ) -> ReplicaLoad:
         """The engine's load, for the router's dispatch and shedding decisions (and, from
-        the same record, this replica's gauges)."""
+        the same record, this replica's gauges; from ``caller``, the router's heartbeat).
+        The drain rates are scaled to what the replica drains per wall-clock second."""
         del target
+        self._seen(caller)
         stats = self.engine.stats()
         self._metrics.record_stats(stats)
+        share = self._wall_share(stats)
+        if share < 1.0:
+            stats = replace(stats, tokens_per_s=stats.tokens_per_s * share,
+                            prefill_tokens_per_s=stats.prefill_tokens_per_s * share)
         return ReplicaLoad(self.replica_id, stats, draining=self._draining)
+
+    def _wall_share(self, s: EngineStats) -> float:
+        """Tokens drained per wall-clock second while there was work, over the engine's
+        step-time rate (<= 1): what the router's wait predictions must divide by.
+
+        Over the last WALL_RATE_WINDOW_S, only intervals between two stats calls that both
+        saw work count (an idle gap is not slowness). 1 until WALL_RATE_MIN_BUSY_S of such
+        intervals, or when the engine has no rate yet.
+        """
+        now = self._clock()
+        busy = s.running_sequences > 0 or s.waiting_sequences > 0
+        self._work_samples.append((now, s.prompt_tokens_total + s.generated_tokens_total, busy))
+        while self._work_samples and self._work_samples[0][0] < now - WALL_RATE_WINDOW_S:
+            self._work_samples.popleft()
+        seconds = tokens = 0.0
+        samples = list(self._work_samples)
+        for (t0, n0, busy0), (t1, n1, busy1) in zip(samples, samples[1:], strict=False):
+            if busy0 and busy1 and t1 > t0:
+                seconds += t1 - t0
+                tokens += max(0, n1 - n0)
+        if seconds < WALL_RATE_MIN_BUSY_S or s.tokens_per_s <= 0:
+            return 1.0
+        return max(WALL_SHARE_FLOOR, min(1.0, tokens / seconds / s.tokens_per_s))
 
     async def model_info(self, target: str | None = None) -> dict[str, Any]:
         del target
         return {"model_name": self.engine.model_name, "max_model_len": self.engine.max_model_len,
-                "replica_id": self.replica_id}
+                "replica_id": self.replica_id, "orphans_aborted": self.orphans_aborted}
 
     # Lifecycle ------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -209,6 +314,8 @@ class LLMServer:
     async def shutdown(self) -> None:
         """Stop taking batches, let running requests finish, then stop the engine."""
         self._draining = True
+        if self._reaper is not None:
+            self._reaper.cancel()
         with contextlib.suppress(Exception):
             await self.engine.shutdown(drain=True, timeout_s=self._drain_timeout_s)
 
@@ -221,7 +328,7 @@ def merge_chunks(earlier: GenerationChunk, later: GenerationChunk) -> Generation
         top_logprobs=earlier.top_logprobs + later.top_logprobs)
 
 
-def _serve_replica_id() -> str | None:
+def serve_replica_id() -> str | None:
     """The Serve replica's unique id when running inside Serve (None in plain tests)."""
     try:
         from ray import serve

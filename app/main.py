@@ -152,7 +152,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_ongoing_requests=ROUTER_MAX_ONGOING,
     )(serve.ingress()(RouterDeployment))
     engine_factory = functools.partial(build_engine, config.engine_args(), config)
-    server = llm.bind(engine_factory, None, config.graceful_shutdown_timeout_s)
+    server = llm.bind(engine_factory, None, config.graceful_shutdown_timeout_s,
+                      config.orphan_timeout_s)
     return router.bind(server, config.model_dump())
 
 

@@ -136,7 +136,8 @@ class ServeRun:
 
     def _make_namespace(self, fallback: bool) -> None:
         try:
-            self.ns = NetNamespace.create(NETNS_PREFIX)
+            # RINGSERVE_NETNS_PREFIX: runs of several users on one host keep their names apart
+            self.ns = NetNamespace.create(os.environ.get("RINGSERVE_NETNS_PREFIX", NETNS_PREFIX))
         except IsolationError as exc:
             if not fallback:
                 raise

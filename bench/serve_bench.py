@@ -18,12 +18,19 @@ shed rate (429s) and every status code. ``completed + shed + failed == sent`` al
 ``results.json``, ``results.md`` (one Markdown table) and ``latency_vs_throughput.png``.
 A second ``--url``, or ``--peer-cmd`` (a shell command starting a peer server that serves
 ``--peer-url``; it is stopped afterwards), runs the same workload against the peer and prints
-the ratios first server / peer. A server that refuses the connection or answers the model
-listing with an error ends the run with one line and exit status 1.
+the ratios first server / peer. ``--llama-server [BINARY]`` is the shortcut for
+llama.cpp's server as that peer: BINARY (default ``$LLAMA_SERVER``) on the embedded default
+GGUF (or ``--llama-model``) with ``-t`` the usable cores and ``-np`` the highest concurrency.
+Before sending load it prints the machine (bench/machine.py: cores, AVX flags, measured memory
+bandwidth and fp32 / int8 matmul FLOP/s; ``--no-machine`` skips the ~2 s measurement) and each
+load point records the 1-minute load average before and after it (other jobs on the box skew
+figures; that is why peers run in one run). A server that refuses the connection or answers
+the model listing with an error ends the run with one line and exit status 1.
 
     ringserve bench serve --url http://127.0.0.1:8000 [--sweep 1,4,16] [--num-requests 48]
         [--request-rate 4] [--slo ttft:2000,tpot:100] [--url http://127.0.0.1:8080]
         [--peer-cmd "llama-server -m model.gguf --port 8080" --peer-url http://127.0.0.1:8080]
+        [--llama-server /path/to/llama-server]
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from bench.machine import describe, machine_report
 
 CORPUS = Path(__file__).parent / "data" / "gpl-3.0.txt"
 SHED_STATUS = 429
@@ -302,7 +313,13 @@ def summarize(results: Sequence[RequestResult], wall_s: float,
         "tpot_ms": distribution_ms([t for r in done if (t := r.tpot_s) is not None]),
         "itl_ms": distribution_ms([gap for r in done for gap in r.itl_s]),
         "e2e_ms": distribution_ms([r.e2e_s for r in done if r.e2e_s is not None]),
-    }
+    } | _decode_rate(done)
+
+
+def _decode_rate(done: Sequence[RequestResult]) -> dict[str, float | None]:
+    """One stream's decode speed as a client sees it: 1 / median TPOT (tokens/s)."""
+    tpots = [t for r in done if (t := r.tpot_s) is not None]
+    return {"decode_tok_s": 1 / statistics.median(tpots) if tpots else None}
 
 
 def parse_slo(text: str | None) -> dict[str, float]:
@@ -375,6 +392,38 @@ class PeerProcess:
                 self.proc.wait()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def llama_server_command(binary: str | None, model: str | None, slots: int,
+                         threads: int, ctx_per_slot: int = 1024) -> tuple[str, str]:
+    """(command, url) that start llama.cpp's llama-server as the peer on a free port.
+
+    ``binary`` None means ``$LLAMA_SERVER``; ``model`` None the embedded default GGUF. One
+    slot per client (``-np``), ``ctx_per_slot`` tokens each (prompt + output of the default
+    workload fit in 1024), ``threads`` compute threads, CPU only, loopback only.
+    """
+    binary = binary or os.environ.get("LLAMA_SERVER")
+    if not binary:
+        raise BenchError("--llama-server: give the binary or set LLAMA_SERVER (llama.cpp's "
+                         "llama-server; see bench/README.md for how to build it)")
+    found = shutil.which(binary)
+    if found is None:
+        raise BenchError(f"--llama-server: {binary} is not an executable")
+    if model is None:
+        from model.default_model import default_model_path
+
+        model = str(default_model_path())
+    port = _free_port()
+    command = shlex.join([found, "-m", model, "-t", str(threads), "-np", str(slots),
+                          "-c", str(slots * ctx_per_slot), "-ngl", "0", "--host", "127.0.0.1",
+                          "--port", str(port)])
+    return command, f"http://127.0.0.1:{port}"
+
+
 # Report ---------------------------------------------------------------------------------------
 _COLUMNS = (
     ("server", lambda r: r["server"]), ("load", lambda r: r["load"]),
@@ -383,14 +432,17 @@ _COLUMNS = (
     ("req/s", lambda r: f"{r['request_throughput']:.2f}"),
     ("out tok/s", lambda r: f"{r['output_token_throughput']:.1f}"),
     ("goodput", lambda r: f"{r['goodput']:.2f}"),
+    ("decode tok/s", lambda r: "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"),
     ("TTFT med/p99 ms", lambda r: _pair(r["ttft_ms"])),
     ("TPOT med/p99 ms", lambda r: _pair(r["tpot_ms"])),
     ("ITL med/p99 ms", lambda r: _pair(r["itl_ms"])),
     ("E2E med/p99 ms", lambda r: _pair(r["e2e_ms"])),
+    ("load avg", lambda r: "/".join(f"{x:.1f}" for x in r.get("loadavg_1m", ())) or "-"),
 )
 # ratio first server / peer: throughputs and latencies (a latency ratio > 1 is slower)
 _RATIOS = (("output tok/s", "output_token_throughput", None), ("req/s", "request_throughput",
-           None), ("median TTFT", "ttft_ms", "median"), ("median TPOT", "tpot_ms", "median"),
+           None), ("decode tok/s per stream (1/median TPOT)", "decode_tok_s", None),
+           ("median TTFT", "ttft_ms", "median"), ("median TPOT", "tpot_ms", "median"),
            ("median E2E", "e2e_ms", "median"))
 
 
@@ -469,6 +521,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "$LLAMA_SERVER is expanded")
     p.add_argument("--peer-url", default=None, help="the URL --peer-cmd's server answers on")
     p.add_argument("--peer-start-timeout", type=float, default=300.0)
+    p.add_argument("--llama-server", nargs="?", const="", default=None, metavar="BINARY",
+                   help="start llama.cpp's llama-server (BINARY, default $LLAMA_SERVER) on "
+                        "the default GGUF as the peer, -t cores -np max concurrency")
+    p.add_argument("--llama-model", default=None,
+                   help="with --llama-server: the GGUF it serves (default the embedded one)")
+    p.add_argument("--label", action="append", default=[],
+                   help="a name per server, in order (--url ones, then the peer)")
+    p.add_argument("--no-machine", action="store_true",
+                   help="skip measuring the machine (memory bandwidth, matmul FLOP/s)")
     p.add_argument("--model", default=None, help="model name to send; default each server's "
                    "first /v1/models entry")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
@@ -516,6 +577,8 @@ def _load_points(args: argparse.Namespace) -> list[LoadPoint]:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args``; 0 when every server completed a request."""
     urls = [u.rstrip("/") for u in args.url]
+    if args.peer_cmd and args.llama_server is not None:
+        raise BenchError("--llama-server is a --peer-cmd: give one of them")
     if args.peer_cmd and not args.peer_url:
         raise BenchError("--peer-cmd needs --peer-url (where the peer answers)")
     if not urls:
@@ -527,25 +590,39 @@ def run(args: argparse.Namespace) -> int:
     items = build_workload(args.num_requests, parse_range(args.prompt_len, "prompt-len"),
                            parse_range(args.output_len, "output-len"), args.seed,
                            args.request_rate)
+    peer_cmd, peer_url = args.peer_cmd, args.peer_url
+    if args.llama_server is not None:
+        slots = max(p.concurrency or p.max_concurrency or 16 for p in points)
+        peer_cmd, peer_url = llama_server_command(args.llama_server or None, args.llama_model,
+                                                  slots, machine_report(measured=False)["cores"])
     targets = [(url, probe_model(url, args.model)) for url in urls]
+    machine: dict[str, Any] | None = None
+    if not args.no_machine:
+        machine = machine_report()
+        print(describe(machine), flush=True)
     rows: list[dict[str, Any]] = []
     peer: PeerProcess | None = None
     try:
-        if args.peer_cmd:
-            peer = PeerProcess(args.peer_cmd, args.peer_url.rstrip("/"), args.peer_start_timeout)
+        if peer_cmd:
+            print(f"peer: {peer_cmd}", file=sys.stderr)
+            peer = PeerProcess(peer_cmd, peer_url.rstrip("/"), args.peer_start_timeout)
             targets.append((peer.url, probe_model(peer.url, args.model)))
         labels: list[str] = []
-        for url, model in targets:
+        for i, (url, model) in enumerate(targets):
             label = url if url not in labels else f"{url} #{labels.count(url) + 1}"
             labels.append(url)
+            if i < len(args.label):
+                label = args.label[i]
             for point in points:
+                load_before = os.getloadavg()[0]
                 results, wall = asyncio.run(run_load(
                     url, model, args.endpoint, items, point, not args.no_ignore_eos,
                     args.timeout_s, args.duration_s, not args.no_progress,
-                    f"{url} {point.label()}"))
+                    f"{label} {point.label()}"))
                 row = {"server": label, "url": url, "model": model, "load": point.label(),
                        "concurrency": point.concurrency, "request_rate": point.request_rate,
                        **summarize(results, wall, slo),
+                       "loadavg_1m": [load_before, os.getloadavg()[0]],
                        "requests": [asdict(r) for r in results]}
                 rows.append(row)
     finally:
@@ -562,9 +639,12 @@ def run(args: argparse.Namespace) -> int:
                     "output_len": args.output_len, "seed": args.seed,
                     "endpoint": args.endpoint, "ignore_eos": not args.no_ignore_eos,
                     "corpus": CORPUS.name, "slo": slo}
-        (out / "results.json").write_text(json.dumps({"workload": workload, "runs": rows},
-                                                     indent=1))
-        (out / "results.md").write_text("\n".join([table, "", *ratio_lines(rows)]) + "\n")
+        (out / "results.json").write_text(json.dumps(
+            {"workload": workload, "machine": machine, "command": sys.argv, "runs": rows},
+            indent=1))
+        header = [describe(machine), ""] if machine is not None else []
+        (out / "results.md").write_text("\n".join([*header, table, "", *ratio_lines(rows)])
+                                        + "\n")
         if not write_plot(rows, out / "latency_vs_throughput.png"):
             print("bench serve: no PNG plot (matplotlib is not installed: "
                   "pip install 'ringserve[bench]')", file=sys.stderr)

@@ -81,7 +81,8 @@ def serve_in_netns(prefix: str, args: Sequence[str], port: int, replicas: int,
                    start_timeout_s: float = 300, sysctls: Sequence[str] = ()
                    ) -> Iterator[ServeInstance]:
     """``sysctls``: ``key=value`` settings of the namespace's own network stack."""
-    namespace = NetNamespace.create(prefix)
+    # RINGSERVE_TEST_NETNS_PREFIX keeps namespaces of concurrent runs on one box apart
+    namespace = NetNamespace.create(os.environ.get("RINGSERVE_TEST_NETNS_PREFIX", "") + prefix)
     proc: subprocess.Popen[bytes] | None = None
     tmp = make_ray_tmpdir(prefix)
     log_path = tmp / "serve.log"

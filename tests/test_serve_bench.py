@@ -24,7 +24,13 @@ from fastapi import FastAPI
 
 from app.config import AppConfig
 from app.router import Router, load_router_tokenizer
-from bench.serve_bench import build_workload, distribution_ms, parse_slo, summarize
+from bench.serve_bench import (
+    build_workload,
+    distribution_ms,
+    llama_server_command,
+    parse_slo,
+    summarize,
+)
 from tests.conftest import make_local_cluster
 
 
@@ -81,11 +87,17 @@ def test_bench_serve_against_a_real_server(router_server: ThreadServer, tmp_path
                        "--slo", "ttft:5000,tpot:1000", "--out-dir", str(out))
     assert result.returncode == 0, result.stderr
     assert "| server | load |" in result.stdout
+    machine_line = result.stdout.splitlines()[0]  # the machine, measured, before the load
+    assert machine_line.startswith("machine: ") and "memory " in machine_line, result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["latency_vs_throughput.png",
                                                       "results.json", "results.md"]
     assert (out / "latency_vs_throughput.png").read_bytes()[:4] == b"\x89PNG"
     assert "| concurrency 6 |" in (out / "results.md").read_text()
-    runs = json.loads((out / "results.json").read_text())["runs"]
+    saved = json.loads((out / "results.json").read_text())
+    machine = saved["machine"]
+    assert machine["cores"] >= 1 and machine["memory_gb_s"] > 0
+    assert machine["fp32_matmul_gflop_s"] > 0 and isinstance(machine["simd"], list)
+    runs = saved["runs"]
     assert [r["load"] for r in runs] == ["concurrency 1", "concurrency 6"]
     workload = build_workload(12, (4, 40), (4, 12), 3, None)
     for run in runs:
@@ -103,12 +115,14 @@ def test_bench_serve_against_a_real_server(router_server: ThreadServer, tmp_path
         assert sorted(r["max_tokens"] for r in run["requests"]) == sorted(
             w.max_tokens for w in workload)
         assert run["output_tokens"] == sum(r["output_tokens"] for r in done)
+        assert len(run["loadavg_1m"]) == 2
+        assert run["decode_tok_s"] == pytest.approx(1000 / run["tpot_ms"]["median"])
     assert runs[0]["completed"] == 12  # one at a time: nothing is shed
     assert runs[1]["shed"] > 0  # 6 clients, 2 slots, no queue: some are refused with 429
 
 
 def test_bench_serve_poisson_with_a_peer_prints_ratios(router_server: ThreadServer) -> None:
-    result = bench_cli("--url", router_server.url, "--url", router_server.url,
+    result = bench_cli("--url", router_server.url, "--url", router_server.url, "--no-machine",
                        "--request-rate", "50", "--max-concurrency", "2", "--num-requests", "6",
                        "--prompt-len", "4,8", "--output-len", "3,5")
     assert result.returncode == 0, result.stderr
@@ -133,6 +147,30 @@ def test_server_answering_404_gives_one_line_and_fails() -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "answered HTTP 404" in lines[0], result.stderr
+
+
+def test_llama_server_peer_needs_a_binary(router_server: ThreadServer,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    for extra in ([], ["/nonexistent/llama-server"]):
+        result = bench_cli("--url", router_server.url, "--no-machine", "--num-requests", "1",
+                           "--llama-server", *extra)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--llama-server" in lines[0], result.stderr
+
+
+def test_llama_server_command_serves_the_default_gguf_on_loopback(tmp_path: Path) -> None:
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    command, url = llama_server_command(str(binary), None, slots=16, threads=2)
+    words = command.split()
+    assert words[0] == str(binary) and words[words.index("-m") + 1].endswith(".gguf")
+    assert words[words.index("-np") + 1] == "16" and words[words.index("-t") + 1] == "2"
+    assert words[words.index("-c") + 1] == str(16 * 1024)
+    assert words[words.index("--host") + 1] == "127.0.0.1"
+    assert url == f"http://127.0.0.1:{words[words.index('--port') + 1]}"
 
 
 def test_figures() -> None:

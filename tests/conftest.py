@@ -175,6 +175,16 @@ def make_local_cluster(replicas: int = 2, **engine_kwargs) -> LocalClient:
 
 
 @_pytest.fixture
+def gguf_cache_dir(tmp_path: _Any, monkeypatch: _pytest.MonkeyPatch) -> _Any:
+    """A fresh GGUF conversion cache for one test (model.gguf_file's cache directory)."""
+    from model import gguf_file
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(gguf_file.CACHE_ENV, str(cache))
+    return cache
+
+
+@_pytest.fixture
 def local_cluster():
     """Factory: ``local_cluster(replicas=2, total_slots=4, step_s=0.01)`` -> LocalClient."""
     return make_local_cluster

@@ -41,10 +41,8 @@ KERNEL_TOLERANCE = 1e-3  # of max|reference output|
 
 
 @pytest.fixture(autouse=True)
-def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(gguf_file.CACHE_ENV, str(cache))
-    return cache
+def _cache_dir(gguf_cache_dir: Path) -> Path:
+    return gguf_cache_dir
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,8 @@ SIZES: dict[str, Any] = dict(vocab_size=128, hidden_size=64, intermediate_size=1
 
 
 @pytest.fixture(autouse=True)
-def _cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(gguf_file.CACHE_ENV, str(cache))
-    return cache
+def _cache_dir(gguf_cache_dir: Path) -> Path:
+    return gguf_cache_dir
 
 
 @pytest.fixture(scope="module")

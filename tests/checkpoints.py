@@ -265,3 +265,11 @@ def make_tiny_gguf(hf_folder: Path, out: Path, qtype: str = "F32", *,
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def make_tiny_swa_checkpoint(folder: Path, window: int) -> Path:
+    """The engine and cache tests' small sliding-window Mistral (4 layers, 8 heads, 2 KV
+    heads), big enough that kernels and batching differences would show in the logits."""
+    return make_tiny_hf_checkpoint(folder, model_type="mistral", sliding_window=window,
+                                   hidden_size=256, intermediate_size=512, num_layers=4,
+                                   num_heads=8, num_kv_heads=2)

@@ -16,17 +16,14 @@ from model.sampling_params import SamplingParams
 from model.scheduler import ScheduledChunk
 from model.transformer import Transformer
 from model.weights import load_weights
-from tests.checkpoints import make_tiny_hf_checkpoint
+from tests.checkpoints import make_tiny_swa_checkpoint
 
 WINDOW = 16
 
 
 @pytest.fixture(scope="module")
 def swa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("swa"), model_type="mistral",
-                                   sliding_window=WINDOW, hidden_size=256,
-                                   intermediate_size=512, num_layers=4, num_heads=8,
-                                   num_kv_heads=2)
+    return make_tiny_swa_checkpoint(tmp_path_factory.mktemp("swa"), WINDOW)
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,14 @@ from model.paged_cache import (
 )
 from model.transformer import Transformer
 from model.weights import load_weights
-from tests.checkpoints import make_tiny_hf_checkpoint
+from tests.checkpoints import make_tiny_swa_checkpoint
 
 WINDOW, BLOCK = 16, 4
 
 
 @pytest.fixture(scope="module")
 def swa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("paged"), model_type="mistral",
-                                   sliding_window=WINDOW, hidden_size=256,
-                                   intermediate_size=512, num_layers=4, num_heads=8,
-                                   num_kv_heads=2)
+    return make_tiny_swa_checkpoint(tmp_path_factory.mktemp("paged"), WINDOW)
 
 
 def test_paged_logits_equal_full_windowed_forward(swa_checkpoint: Path) -> None:

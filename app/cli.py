@@ -72,10 +72,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    help="positions per block of the paged KV cache (default 16)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--quantization", choices=("none", "int8", "int8x2", "auto"),
+    p.add_argument("--quantization", choices=("none", "int8", "int8x2", "int4", "auto"),
                    default=DEFAULT_QUANTIZATION,
                    help="int8: projections and LM head as int8 (CPU); int8x2: as two int8 "
-                        "planes each (~15-bit weights, CPU); auto: on CPU the fastest int8 "
+                        "planes each (~15-bit weights, CPU); int4: projections as 4-bit "
+                        "groups, LM head as 8-bit groups, bf16 activations (CPU; a GGUF Q4_1 "
+                        "file's own weights, the fastest form); auto: on CPU the fastest int8 "
                         "form that meets the accuracy goals (int8x2), bf16 unquantized on "
                         "CUDA; none: the dtype as given")
     p.add_argument("--json", action="store_true",

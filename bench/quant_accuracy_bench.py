@@ -10,7 +10,8 @@ Two checks from issue #13, both against the fp32 model built from the same check
   batch); goal: identical for at least 16 of 20.
 
 Variants (``--variants``): ``int8`` is what ``--quantization int8`` serves (int8 weights and
-int8 activations, fbgemm); ``int8x2`` what ``--quantization int8x2`` serves (two int8 planes
+int8 activations, fbgemm); ``int4`` what ``--quantization int4`` serves (4-bit groups, bf16
+activations; see model/int4.py); ``int8x2`` what ``--quantization int8x2`` serves (two int8 planes
 per weight, ~15-bit weights, same kernel); ``int8-weights`` runs fp32 matmuls over the
 int8-rounded weights (isolates the weight rounding from the activation rounding);
 ``int8-fp32-head`` is int8 with the LM head left in fp32.
@@ -124,9 +125,10 @@ def main() -> None:
     ref_greedy = greedy_texts(reference, args.max_tokens)
     rows = [("fp32", ref_ppl, len(PROMPTS))]
     for variant in args.variants.split(","):
-        if variant not in ("int8", "int8x2", "int8-weights", "int8-fp32-head"):
+        if variant not in ("int8", "int8x2", "int4", "int8-weights", "int8-fp32-head"):
             raise SystemExit(f"unknown variant {variant!r}")
-        quantization = {"int8-weights": "none", "int8x2": "int8x2"}.get(variant, "int8")
+        quantization = {"int8-weights": "none", "int8x2": "int8x2",
+                        "int4": "int4"}.get(variant, "int8")
         engine = _engine(quantization, variant == "int8-weights", variant == "int8-fp32-head")
         ppl = perplexity(engine.model, text_ids, args.window)
         same = sum(a == b for a, b in zip(greedy_texts(engine, args.max_tokens), ref_greedy,

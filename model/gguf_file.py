@@ -9,6 +9,8 @@ a cache entry and later uses read that instead::
         weights.safetensors   float32 tensors under canonical names (written by model.weights)
         weights-int8.safetensors  the same with projections as int8 plus row scales
                               (``<name>#scale``), written when int8 quantization is asked for
+        weights-int4.safetensors  the same with projections as 4-bit codes (uint8) plus group
+                              scales and zeros (``<name>#scale``, ``<name>#zero``), for int4
 
 The entry is keyed by the file's name, size and modification time, so replacing the file
 invalidates it. Every cache file is written under a temporary name and renamed into place:
@@ -37,6 +39,7 @@ CACHE_FORMAT = "v1"  # bump when what a cache entry holds changes; old entries a
 METADATA_FILE = "metadata.json"
 WEIGHTS_FILE = "weights.safetensors"
 INT8_WEIGHTS_FILE = "weights-int8.safetensors"
+INT4_WEIGHTS_FILE = "weights-int4.safetensors"
 _STALE_TEMP_S = 3600.0  # temporary files older than this belong to an interrupted conversion
 # GGML types stored as plain numpy arrays; BF16 is stored as raw bytes and goes through
 # gguf.quants like the block quantizations.
@@ -65,7 +68,7 @@ def cache_entry(path: Path) -> Path:
 
 def weights_file_name(quantization: str) -> str:
     """The cache file holding a GGUF file's converted weights for this quantization."""
-    return INT8_WEIGHTS_FILE if quantization == "int8" else WEIGHTS_FILE
+    return {"int8": INT8_WEIGHTS_FILE, "int4": INT4_WEIGHTS_FILE}.get(quantization, WEIGHTS_FILE)
 
 
 def write_atomically(target: Path, write: Callable[[Path], object]) -> None:

@@ -39,8 +39,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-Quantization = Literal["none", "int8", "int8x2"]
-QUANTIZATION_CHOICES = ("none", "int8", "int8x2", "auto")
+Quantization = Literal["none", "int8", "int8x2", "int4"]
+QUANTIZATION_CHOICES = ("none", "int8", "int8x2", "int4", "auto")
 # int8 weight planes per quantization (see the module docstring)
 INT8_PLANES: dict[str, int] = {"int8": 1, "int8x2": 2}
 INT8_MAX = 127
@@ -56,6 +56,12 @@ _PROJECTION_SUFFIXES = (
 
 class QuantizationError(ValueError):
     """An unknown quantization, or one the device or dtype cannot run."""
+
+
+def is_int4_weight(canonical_name: str) -> bool:
+    """Whether int4 quantization stores this canonical tensor as 4-bit groups when loading
+    (the projections; the LM head's form is chosen at build time, model/transformer.py)."""
+    return canonical_name.endswith(_PROJECTION_SUFFIXES)
 
 
 def is_quantized_weight(canonical_name: str) -> bool:
@@ -90,6 +96,16 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) ->
         if cpu_fp32 and INT8_MEETS_ACCURACY_GOALS:
             return "int8"
         return "int8x2" if cpu_fp32 and INT8X2_MEETS_ACCURACY_GOALS else "none"
+    if name == "int4":
+        from model.int4 import int4_kernel_available
+
+        if not cpu_fp32 or not int4_kernel_available():
+            raise QuantizationError(
+                "quantization int4 runs on CPU with float32 activations and needs torch's CPU "
+                "int4 matmul (_weight_int4pack_mm_for_cpu); got device "
+                f"{device.type} and dtype {str(dtype).removeprefix('torch.')}"
+                + ("" if int4_kernel_available() else ", and this torch lacks the kernel"))
+        return "int4"
     if name in INT8_PLANES and not cpu_fp32:
         raise QuantizationError(
             f"quantization {name} runs on CPU with float32 activations (fbgemm kernels); got "

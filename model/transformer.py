@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import int4
 from model.attention import decode_attention, decode_attention_per_slot, prefill_attention
 from model.config import ModelConfig
 from model.kv_cache import (
@@ -195,7 +196,8 @@ class Transformer(nn.Module):
     def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, torch.Tensor],
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                      quantization: Quantization = "none",
-                     scales: Mapping[str, torch.Tensor] | None = None) -> Transformer:
+                     scales: Mapping[str, torch.Tensor] | None = None,
+                     zeros: Mapping[str, torch.Tensor] | None = None) -> Transformer:
         """Build from canonical (HF-layout) tensors, fusing q/k/v and gate/up projections.
 
         Projection weights are stored transposed (see :class:`Projection`); a tied output
@@ -204,15 +206,22 @@ class Transformer(nn.Module):
         projection and the LM head is an :class:`~model.quantization.Int8Projection` (CPU,
         fp32 activations); tensors already int8 (their row scales in ``scales``, as
         ``load_weights`` returns them) are used as they are under int8, fp32 ones are
-        quantized here. Unquantized, int8 inputs are dequantized.
+        quantized here. Unquantized, int8 inputs are dequantized. ``quantization="int4"``
+        makes every projection an :class:`~model.int4.Int4Projection` (4-bit groups, as loaded
+        when ``zeros`` holds the weight's group zeros, else quantized here; the LM head from
+        its fp32 weight, see :func:`_int4_projection`).
         """
-        scales = scales or {}
+        scales, zeros = scales or {}, zeros or {}
         planes = INT8_PLANES.get(quantization, 0)
-        if planes and (torch.device(device).type != "cpu" or dtype != torch.float32):
-            raise QuantizationError("int8 projections run on CPU with float32 activations")
+        if (planes or quantization == "int4") and (torch.device(device).type != "cpu"
+                                                   or dtype != torch.float32):
+            raise QuantizationError(f"{quantization} projections run on CPU with float32 "
+                                    "activations")
         model = cls(config)  # parameters are uninitialized (torch.empty) until assigned below
 
         def fp32(name: str) -> torch.Tensor:
+            if name in zeros:
+                return int4.Int4Weight(tensors[name], scales[name], zeros[name]).dequantize()
             if name in scales:
                 return Int8Weight(tensors[name], scales[name]).dequantize()
             return tensors[name]
@@ -235,7 +244,15 @@ class Transformer(nn.Module):
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 state[p + norm + ".weight"] = tensors[p + norm + ".weight"]
         for module_name, parts in fused.items():
-            if planes:
+            if quantization == "int4":
+                if module_name == "lm_head":
+                    projection = _int4_head(fp32(parts[0]))
+                else:
+                    projection = int4.Int4Projection(int4.concat_rows([
+                        int4.Int4Weight(tensors[n], scales[n], zeros[n]) if n in zeros
+                        else int4.quantize_int4(tensors[n]) for n in parts]))
+                model.set_submodule(module_name, projection)
+            elif planes:
                 per_part = [int8(n) for n in parts]  # [part][plane]
                 model.set_submodule(module_name, Int8Projection(
                     [concat_rows([p[k] for p in per_part]) for k in range(planes)]))
@@ -303,6 +320,16 @@ class Transformer(nn.Module):
             last = torch.tensor(list(_cumulative_ends(chunks)), device=x.device) - 1
             x = x[last]  # [num_chunks, hidden]
         return self.lm_head(self.norm(x)).float()
+
+
+def _int4_head(weight: torch.Tensor) -> int4.Int4Projection:
+    """The int4 LM head: 4-bit groups where they reproduce the weight exactly (a GGUF Q4_1
+    output), else 8-bit groups as two int4 planes (exact for a Q8_0 one; see
+    :mod:`model.int4`): greedy decoding is the most sensitive to the head's rounding."""
+    four_bit = int4.quantize_int4(weight)
+    if int4.reproduces(four_bit, weight):
+        return int4.Int4Projection(four_bit)
+    return int4.Int4Projection(int4.quantize_int8_planes(weight))
 
 
 def fused_projections(config: ModelConfig, tied: bool) -> dict[str, list[str]]:

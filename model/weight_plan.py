@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.quantization import Quantization, is_quantized_weight, quantize_rows
+from model.int4 import quantize_int4
+from model.quantization import (
+    Quantization,
+    QuantizationError,
+    is_int4_weight,
+    is_quantized_weight,
+    quantize_rows,
+)
 
 
 class WeightsError(ValueError):
@@ -28,13 +35,16 @@ class LoadedWeights:
     """A checkpoint's config and its tensors under canonical names (float32, CPU).
 
     Under int8 quantization the projection weights are int8 [out, in] and ``scales`` maps
-    each of their names to its float32 row scales [out]; otherwise ``scales`` is empty.
+    each of their names to its float32 row scales [out]; under int4 they are 4-bit codes
+    (uint8 [out, in], see :mod:`model.int4`) with group scales and zeros [out, in / 32] in
+    ``scales`` and ``zeros``; otherwise both are empty.
     """
 
     config: ModelConfig
     tensors: dict[str, torch.Tensor]
     source: Path  # the folder or GGUF file the weights came from
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    zeros: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # Canonical names ------------------------------------------------------------------------------
@@ -179,10 +189,19 @@ def _unexpected(name: str, file: Path, config: ModelConfig) -> str:
 
 
 def store_tensor(canonical: str, tensor: torch.Tensor, quantization: Quantization,
-           tensors: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> None:
-    """Keep one fp32 tensor, quantized to int8 rows first where the quantization says so."""
+                 tensors: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+                 zeros: dict[str, torch.Tensor]) -> None:
+    """Keep one fp32 tensor, quantized first where the quantization says so: int8 rows, or
+    int4 groups (projections only: the LM head is built from its fp32 weight at load)."""
     if quantization == "int8" and is_quantized_weight(canonical):
         quantized = quantize_rows(tensor)
         tensors[canonical], scales[canonical] = quantized.values, quantized.scale
+    elif quantization == "int4" and is_int4_weight(canonical):
+        try:
+            groups = quantize_int4(tensor)
+        except ValueError as exc:
+            raise QuantizationError(f"{canonical}: {exc}") from exc
+        tensors[canonical], scales[canonical] = groups.codes, groups.scale
+        zeros[canonical] = groups.zero
     else:
         tensors[canonical] = tensor.contiguous()

@@ -32,6 +32,9 @@ scales. No fp32 copy of the whole model is ever held (a bf16 or GGUF checkpoint 
 one tensor at a time). A GGUF file's int8 form is cached beside its fp32 form.
 ``quantization="int8x2"`` loads float32: its two planes per weight are built from the fp32
 weights, one tensor at a time, by :meth:`model.transformer.Transformer.from_tensors`.
+``quantization="int4"`` stores every projection as 4-bit group codes with group scales and
+zeros (:mod:`model.int4`) as it is read, one tensor at a time (GGUF: cached beside the fp32
+form); the embedding stays fp32 and the LM head is built from it (or from ``lm_head.weight``).
 """
 
 from __future__ import annotations
@@ -78,11 +81,13 @@ def load_weights(path: Path | None = None, *, progress: bool = True,
     while tensors are read or dequantized. ``quantization="int8"`` returns the projections
     as int8 with row scales (see :class:`LoadedWeights`); ``"int8x2"`` returns float32
     tensors, from which :meth:`~model.transformer.Transformer.from_tensors` builds the two
-    int8 planes (the second plane needs the float32 weight). Raises WeightsError (or ConfigError
+    int8 planes (the second plane needs the float32 weight); ``"int4"`` returns the projections
+as 4-bit codes with group scales and zeros. Raises WeightsError (or ConfigError
     for a bad config file) with a one-line message naming the file and tensor at fault.
     """
-    if quantization not in ("none", "int8", "int8x2"):
-        raise ValueError(f"quantization must be none, int8 or int8x2 here, got {quantization!r}")
+    if quantization not in ("none", "int8", "int8x2", "int4"):
+        raise ValueError("quantization must be none, int8, int8x2 or int4 here, got "
+                         f"{quantization!r}")
     path = default_model_path() if path is None else Path(path).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file or folder")
@@ -112,8 +117,9 @@ def _load_folder(folder: Path, progress: bool, quantization: Quantization) -> Lo
         if len(ggufs) == 1 and not (folder / "config.json").exists():
             return load_gguf(ggufs[0], progress, quantization)
         raise WeightsError(_no_weights_message(folder))
-    tensors, scales = _read_planned(plan, progress, quantization)
-    return LoadedWeights(config=config, tensors=tensors, source=folder, scales=scales)
+    tensors, scales, zeros = _read_planned(plan, progress, quantization)
+    return LoadedWeights(config=config, tensors=tensors, source=folder, scales=scales,
+                         zeros=zeros)
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
@@ -165,12 +171,14 @@ def _scan_safetensors(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...
 
 
 def _read_planned(plan: Mapping[str, TensorSource], progress: bool, quantization: Quantization
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                             dict[str, torch.Tensor]]:
     by_file: dict[Path, list[tuple[str, TensorSource]]] = {}
     for canonical, source in plan.items():
         by_file.setdefault(source.file, []).append((canonical, source))
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
+    zeros: dict[str, torch.Tensor] = {}
     with tqdm(total=len(plan), desc="loading weights", unit="tensor", file=sys.stderr,
               disable=not progress) as bar:
         for file, items in by_file.items():
@@ -181,10 +189,10 @@ def _read_planned(plan: Mapping[str, TensorSource], progress: bool, quantization
                         tensor = handle.get_tensor(source.name).to(torch.float32)
                         if source.rotary_heads is not None:
                             tensor = interleaved_to_rotate_half(tensor, source.rotary_heads)
-                        store_tensor(canonical, tensor, quantization, tensors, scales)
+                        store_tensor(canonical, tensor, quantization, tensors, scales, zeros)
                         bar.update()
             except (SafetensorError, OSError) as exc:
                 raise WeightsError(f"{file}: unreadable safetensors file ({exc})") from exc
-    return tensors, scales
+    return tensors, scales, zeros
 
 

@@ -125,7 +125,7 @@ def test_resolve_quantization() -> None:
     with pytest.raises(QuantizationError, match="CPU"):
         resolve_quantization("int8", cpu, torch.bfloat16)
     with pytest.raises(QuantizationError, match="one of"):
-        resolve_quantization("int4", cpu, torch.float32)
+        resolve_quantization("int3", cpu, torch.float32)
 
 
 def test_int8_weights_load_per_tensor_and_build_the_same_model(checkpoint: Path) -> None:
@@ -231,7 +231,7 @@ def test_quantization_knob_reaches_the_engine_from_cli_and_config(checkpoint: Pa
     assert AppConfig(quantization="int8").engine_args().quantization == "int8"
     assert AppConfig().engine_args().quantization == EngineArgs().quantization
     with pytest.raises(ValidationError):
-        AppConfig(quantization="int4")
+        AppConfig(quantization="int3")
 
     def generate(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "app.cli", "generate", "--model",

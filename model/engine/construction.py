@@ -86,7 +86,8 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     elif args.window is not None:
         config = config.with_window(args.window)
     model = Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device,
-                                     quantization=quantization, scales=loaded.scales)
+                                     quantization=quantization, scales=loaded.scales,
+                                     zeros=loaded.zeros)
     del loaded
     tokenizer = load_tokenizer(path)
     max_model_len = args.max_model_len or min(config.max_position_embeddings,

@@ -1,0 +1,164 @@
+"""Int4 weights on CPU: group-wise 4-bit codes, PyTorch's int4 matmul with bf16 activations.
+
+A weight [out, in] is stored in groups of :data:`GROUP_SIZE` inputs per output row: 4-bit
+codes q in 0..15, one scale s and one zero z per group, ``W ≈ (q - 8) * s + z`` (the formula
+of ``torch.ops.aten._weight_int4pack_mm_for_cpu``). The codes are packed by
+``_convert_weight_to_int4pack_for_cpu``; the matmul takes bf16 activations and returns bf16
+(its AVX-512 BF16 path; with fp32 or fp16 activations the same op is ~25x slower here).
+
+Two forms, chosen per weight:
+
+* :func:`quantize_int4` — asymmetric 4 bits per group (``s = (max - min) / 15``, ``z = min +
+  8 s``): the form of GGUF's ``Q4_1`` (groups of 32, ``w = d q + m``), which it reproduces
+  exactly from the dequantized values, since Q4_1 maps each group's min to code 0 and its max
+  to code 15. The projections use it.
+* :func:`quantize_int8_planes` — symmetric 8 bits per group (``d = max|w| / 127``, GGUF's
+  ``Q8_0``, reproduced exactly) written as two int4 planes: the code ``u = round(w / d) + 128``
+  splits into nibbles ``u = 16 hi + lo``, plane one ``(hi - 8) * 16d``, plane two ``(lo - 8) *
+  d + 8d``, whose sum is ``d (u - 128)``. The LM head uses it (the default model's is Q8_0):
+  both planes run as one kernel call over ``2 * out`` rows, summed after.
+
+The kernel rounds its inputs and outputs to bf16 (8-bit mantissas), the scales and zeros too;
+the residual stream, norms, attention and the KV cache stay fp32. Accuracy against the fp32
+model (bench/quant_accuracy_bench.py, default model, 2026-12-02): perplexity +0.10%, greedy
+32-token continuations identical for 14 of 20 prompts. Simulated one rounding at a time with
+fp32 matmuls: bf16 outputs alone leave 12 of 20 identical, bf16 scales and zeros 15, bf16
+inputs 19 (so splitting activations into two bf16 rows does not pay); the kernel has no fp32
+output. Speed: bench/decode_step_bench.py (variant int4).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GROUP_SIZE = 32  # inputs per scale/zero group: GGUF's Q4_1 / Q8_0 block size
+ROW_MULTIPLE = 16  # the packing needs the output dimension in whole tiles of 16 rows
+_INNER_K_TILES = 2  # the packing's inner tile count (CPU kernel: any of 2, 4, 8)
+INT4_LEVELS = 15
+INT8_MAX = 127
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A weight [out, in] as 4-bit codes [out, in] (uint8, 0..15) and per-group fp32 scales
+    and zeros [out, in / GROUP_SIZE]: ``W = (codes - 8) * scale + zero`` group by group."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight this stands for, [out, in]."""
+        out, in_features = self.codes.shape
+        grouped = (self.codes.float() - 8).view(out, in_features // GROUP_SIZE, GROUP_SIZE)
+        return (grouped * self.scale[..., None] + self.zero[..., None]).view(out, in_features)
+
+
+def check_groupable(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise ValueError unless the weight [out, in] splits into whole groups of inputs and
+    whole tiles of rows."""
+    if weight.dim() != 2 or weight.shape[1] % GROUP_SIZE or weight.shape[0] % ROW_MULTIPLE:
+        raise ValueError(f"int4 quantization needs a 2-D {name} [out, in] with in a multiple "
+                         f"of {GROUP_SIZE} and out a multiple of {ROW_MULTIPLE}; got shape "
+                         f"{list(weight.shape)}")
+
+
+def _groups(weight: torch.Tensor) -> torch.Tensor:
+    check_groupable(weight)
+    out, in_features = weight.shape
+    return weight.float().reshape(out, in_features // GROUP_SIZE, GROUP_SIZE)
+
+
+def quantize_int4(weight: torch.Tensor) -> Int4Weight:
+    """Asymmetric 4-bit groups: code = round((w - min) / s), s = (max - min) / 15 (1 for a
+    constant group, whose codes are then 0), zero = min + 8 s."""
+    groups = _groups(weight)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    scale = (high - low) / INT4_LEVELS
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, INT4_LEVELS)
+    return Int4Weight(codes.to(torch.uint8).reshape(weight.shape).contiguous(),
+                      scale.contiguous(), (low + 8 * scale).contiguous())
+
+
+def quantize_int8_planes(weight: torch.Tensor) -> tuple[Int4Weight, Int4Weight]:
+    """Symmetric 8-bit groups (d = max|w| / 127) as two int4 planes whose sum is d * q."""
+    groups = _groups(weight)
+    absmax = groups.abs().amax(dim=2)
+    d = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
+    q = torch.round(groups / d[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int32) + 128
+    high, low = (q >> 4).to(torch.uint8), (q & 15).to(torch.uint8)
+    shape = weight.shape
+    return (Int4Weight(high.reshape(shape).contiguous(), (16 * d).contiguous(),
+                       torch.zeros_like(d)),
+            Int4Weight(low.reshape(shape).contiguous(), d.contiguous(), (8 * d).contiguous()))
+
+
+def reproduces(quantized: Int4Weight | Sequence[Int4Weight], weight: torch.Tensor) -> bool:
+    """Whether the quantized planes stand for ``weight`` exactly (up to fp32 rounding)."""
+    planes = [quantized] if isinstance(quantized, Int4Weight) else list(quantized)
+    total = planes[0].dequantize()
+    for plane in planes[1:]:
+        total += plane.dequantize()
+    scale = float(weight.abs().max()) or 1.0
+    return bool((total - weight).abs().max() <= 1e-6 * scale)
+
+
+def concat_rows(parts: Sequence[Int4Weight]) -> Int4Weight:
+    """Fuse int4 weights along the output dimension (q/k/v, gate/up, or planes)."""
+    return Int4Weight(torch.cat([p.codes for p in parts]).contiguous(),
+                      torch.cat([p.scale for p in parts]).contiguous(),
+                      torch.cat([p.zero for p in parts]).contiguous())
+
+
+@functools.cache
+def int4_kernel_available() -> bool:
+    """Whether this torch build has the CPU int4 matmul (and it runs here)."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_weight_int4pack_mm_for_cpu")
+            and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
+        return False
+    try:
+        probe = Int4Projection(quantize_int4(torch.ones(ROW_MULTIPLE, GROUP_SIZE)))
+        probe(torch.ones(1, GROUP_SIZE))
+    except RuntimeError:
+        return False
+    return True
+
+
+class Int4Projection(nn.Module):
+    """``x @ W_t`` with W as packed int4 (one or more planes summed); x and the result fp32.
+
+    x is rounded to bf16 for the kernel and its bf16 result widened to fp32; several planes
+    run as one call over their stacked rows.
+    """
+
+    def __init__(self, weight: Int4Weight | Sequence[Int4Weight]) -> None:
+        super().__init__()
+        planes = [weight] if isinstance(weight, Int4Weight) else list(weight)
+        out_features, in_features = planes[0].codes.shape
+        self.in_features, self.out_features = in_features, out_features
+        self.planes = len(planes)
+        stacked = concat_rows(planes)  # [planes * out, in], plane after plane
+        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            stacked.codes.to(torch.int32), _INNER_K_TILES)
+        # [in / G, planes * out, 2]: the kernel's scale-and-zero layout
+        self._scales_and_zeros = torch.stack(
+            (stacked.scale.t(), stacked.zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self._packed, GROUP_SIZE, self._scales_and_zeros)
+        if self.planes == 1:
+            return out.float()
+        return out.view(x.shape[0], self.planes, self.out_features).float().sum(1)
+
+    def extra_repr(self) -> str:
+        planes = f" x {self.planes} planes" if self.planes > 1 else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 groups of {GROUP_SIZE}{planes}")

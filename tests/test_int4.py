@@ -1,0 +1,226 @@
+"""Int4 weights: exact re-packing of GGUF Q4_1 / Q8_0 groups, the kernel against a
+dequantized fp32 reference, and the int4 model's greedy output across batch compositions.
+
+Tolerance of the kernel (model/int4.py): it rounds the activations, the scales and zeros and
+its output to bf16 (relative error 2^-9 each). A weight is ``(q - 8) s + z`` per group, so
+per output element ``|out - x @ Wq^T| <= 2^-7 * sum_k |x_k| (|Wq_k| + |z_k|)`` (each
+rounding 2^-9 of the term it touches, with margin; z_k the zero of input k's group, summed
+over planes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import gguf_file, int4
+from model.engine import Engine
+from model.engine_args import EngineArgs
+from model.int4 import Int4Projection, quantize_int4, quantize_int8_planes
+from model.quantization import QuantizationError, resolve_quantization
+from model.requests import GenerationChunk, GenerationRequest
+from model.sampling_params import SamplingParams
+from model.transformer import Transformer
+from model.weights import load_weights
+from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
+
+pytestmark = pytest.mark.skipif(not int4.int4_kernel_available(),
+                                reason="this torch build has no CPU int4 matmul")
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(gguf_cache_dir: Path) -> Path:
+    return gguf_cache_dir
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_hf_checkpoint(tmp_path_factory.mktemp("q4"), model_type="mistral",
+                                   sliding_window=16, hidden_size=128, intermediate_size=256,
+                                   num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def kernel_bound(x: torch.Tensor, parts: list[int4.Int4Weight]) -> torch.Tensor:
+    weight = sum(p.dequantize() for p in parts)
+    assert isinstance(weight, torch.Tensor)
+    zeros = sum(p.zero.abs().repeat_interleave(int4.GROUP_SIZE, dim=1) for p in parts)
+    return 2.0 ** -7 * (x.abs() @ (weight.abs() + zeros).T)
+
+
+def test_q4_1_groups_are_reproduced_exactly() -> None:
+    gen = torch.Generator().manual_seed(1)
+    d = torch.rand(48, 4, generator=gen) * 0.1 + 1e-3  # per group of 32: w = d q + m
+    m = -torch.rand(48, 4, generator=gen)
+    q = torch.randint(0, 16, (48, 4, 32), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1 maps a group's min to 0 and its max to 15
+    weight = (d[..., None] * q + m[..., None]).reshape(48, 128)
+    packed = quantize_int4(weight)
+    assert packed.codes.dtype == torch.uint8 and int(packed.codes.max()) <= 15
+    assert torch.allclose(packed.dequantize(), weight, rtol=0, atol=1e-6)
+
+
+def test_q8_0_groups_are_reproduced_exactly_by_two_planes() -> None:
+    gen = torch.Generator().manual_seed(2)
+    d = torch.rand(32, 3, generator=gen) * 0.01 + 1e-4
+    q = torch.randint(-127, 128, (32, 3, 32), generator=gen)
+    q[..., 0] = 127  # Q8_0: d = max|w| / 127, so some element sits at +-127
+    weight = (d[..., None] * q).reshape(32, 96)
+    high, low = quantize_int8_planes(weight)
+    assert int(high.codes.max()) <= 15 and int(low.codes.max()) <= 15
+    assert torch.allclose(high.dequantize() + low.dequantize(), weight, rtol=1e-6, atol=1e-7)
+
+
+def test_int4_rounding_error_within_half_a_step() -> None:
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(3))
+    weight[3] = 0.25  # a constant row: scale 1, exact
+    packed = quantize_int4(weight)
+    step = packed.scale.repeat_interleave(int4.GROUP_SIZE, dim=1)
+    assert torch.all((packed.dequantize() - weight).abs() <= step / 2 + 1e-6)
+    assert torch.equal(packed.dequantize()[3], weight[3])
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+@pytest.mark.parametrize("batch", [1, 5, 33])
+def test_int4_projection_matches_dequantized_reference(planes: int, batch: int) -> None:
+    weight = torch.randn(80, 160, generator=torch.Generator().manual_seed(batch)) * 0.05
+    weight[7, 9] = 2.0  # an outlier coarsens only its own group
+    parts = [quantize_int4(weight)] if planes == 1 else list(quantize_int8_planes(weight))
+    reference_weight = sum(p.dequantize() for p in parts)
+    assert isinstance(reference_weight, torch.Tensor)
+    proj = Int4Projection(parts)
+    x = torch.randn(batch, 160, generator=torch.Generator().manual_seed(100 + batch))
+    x[0, 3] = 30.0
+    out = proj(x)
+    assert out.dtype == torch.float32 and out.shape == (batch, 80)
+    assert torch.all((out - x @ reference_weight.T).abs()
+                     <= kernel_bound(x, parts))
+    for i in range(batch):  # each row's result is its own, whatever the batch
+        assert torch.equal(proj(x[i:i + 1])[0], out[i])
+
+
+def test_shapes_the_kernel_cannot_take_are_refused() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_int4(torch.ones(16, 40))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_int8_planes(torch.ones(8, 64))
+
+
+def test_resolve_int4() -> None:
+    assert resolve_quantization("int4", torch.device("cpu"), torch.float32) == "int4"
+    with pytest.raises(QuantizationError, match="int4 runs on CPU with float32"):
+        resolve_quantization("int4", torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_int4_model_from_a_q4_1_gguf_uses_the_files_weights(tied: bool, tmp_path: Path) -> None:
+    hf = make_tiny_hf_checkpoint(tmp_path, model_type="mistral", sliding_window=16,
+                                 hidden_size=128, intermediate_size=256, num_layers=2,
+                                 num_heads=4, num_kv_heads=2, tie_word_embeddings=tied)
+    # llama.cpp's Q4_1 files keep the token embedding as Q8_0 (the default model's layout)
+    path = make_tiny_gguf(hf, tmp_path / "tiny-q4_1.gguf", "Q4_1",
+                          tensor_types={"token_embd.weight": "Q8_0"})
+    dequantized = load_weights(path, progress=False)  # the file's weights as fp32
+    model = Transformer.from_tensors(dequantized.config, dequantized.tensors,
+                                     quantization="int4")
+    layer = model.layers[0]
+    assert isinstance(layer.gate_up_proj, Int4Projection) and layer.gate_up_proj.planes == 1
+    # a tied head is the Q8_0 embedding: two planes; an untied Q4_1 output: one
+    assert isinstance(model.lm_head, Int4Projection) and model.lm_head.planes == (2 if tied else 1)
+    for name in ("layers.0.mlp.down_proj.weight", "layers.1.self_attn.q_proj.weight"):
+        weight = dequantized.tensors[name]
+        assert torch.allclose(quantize_int4(weight).dequantize(), weight, rtol=0, atol=1e-6)
+    head = dequantized.tensors.get("lm_head.weight", dequantized.tensors["embed_tokens.weight"])
+    assert int4.reproduces(quantize_int8_planes(head) if tied else quantize_int4(head), head)
+    reference = Transformer.from_tensors(dequantized.config, dequantized.tensors)
+    from model.kv_cache import SequenceChunk
+
+    ids = torch.arange(3, 40)
+    chunk = [SequenceChunk(0, 0, len(ids))]
+    logits = model(ids, chunk, None, all_logits=True)
+    ref = reference(ids, chunk, None, all_logits=True)
+    assert (logits - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16 activations only
+
+
+def test_int4_engine_greedy_output_stable_across_batch_compositions(checkpoint: Path) -> None:
+    engine = Engine.from_args(EngineArgs(model=str(checkpoint), max_model_len=128,
+                                         max_num_seqs=8, max_num_batched_tokens=48,
+                                         prefill_chunk=20, progress=False,
+                                         quantization="int4"))
+    assert isinstance(engine.model.layers[0].qkv_proj, Int4Projection)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [tuple(torch.randint(3, 32000, (n,), generator=gen).tolist())
+               for n in (5, 37, 12, 60, 1, 25)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    def requests(tag: str) -> list[GenerationRequest]:
+        return [GenerationRequest(f"{tag}{i}", p, params) for i, p in enumerate(prompts)]
+
+    alone = [engine.run_to_completion([r])[0].token_ids for r in requests("a")]
+    together = [c.token_ids for c in engine.run_to_completion(requests("b"))]
+    assert together == alone
+    staggered: dict[str, tuple[int, ...]] = {}
+    pending = requests("c")
+    while engine.has_work or pending:
+        if pending:
+            engine.add(pending.pop(0))
+        for out in engine.step():
+            assert isinstance(out, GenerationChunk), out
+            staggered[out.request_id] = staggered.get(out.request_id, ()) + out.token_ids
+    assert [staggered[f"c{i}"] for i in range(len(prompts))] == alone
+
+
+def test_int4_loads_per_tensor_and_builds_the_same_model(checkpoint: Path) -> None:
+    fp32 = load_weights(checkpoint, progress=False)
+    loaded = load_weights(checkpoint, progress=False, quantization="int4")
+    coded = {n for n, t in loaded.tensors.items() if t.dtype == torch.uint8}
+    assert coded == set(loaded.scales) == set(loaded.zeros) == {
+        n for n in fp32.tensors if n.endswith("proj.weight")}  # not the LM head
+    for name in coded:
+        want = quantize_int4(fp32.tensors[name])
+        assert torch.equal(loaded.tensors[name], want.codes)
+        assert torch.equal(loaded.zeros[name], want.zero)
+    assert loaded.tensors["lm_head.weight"].dtype == torch.float32
+    ids = torch.arange(3, 40)
+    from model.kv_cache import SequenceChunk
+
+    chunk = [SequenceChunk(0, 0, len(ids))]
+    from_loaded = Transformer.from_tensors(loaded.config, loaded.tensors, quantization="int4",
+                                           scales=loaded.scales, zeros=loaded.zeros)
+    from_fp32 = Transformer.from_tensors(fp32.config, fp32.tensors, quantization="int4")
+    assert torch.equal(from_loaded(ids, chunk, None, all_logits=True),
+                       from_fp32(ids, chunk, None, all_logits=True))
+    # unquantized from int4-loaded tensors: the codes are dequantized, not read as numbers
+    plain = Transformer.from_tensors(loaded.config, loaded.tensors, scales=loaded.scales,
+                                     zeros=loaded.zeros)
+    weight_t = plain.layers[0].down_proj.weight_t
+    name = "layers.0.mlp.down_proj.weight"
+    assert torch.equal(weight_t, quantize_int4(fp32.tensors[name]).dequantize().T)
+
+
+def test_gguf_int4_cache_written_once_then_used(checkpoint: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_tiny_gguf(checkpoint, tmp_path / "tiny-q4.gguf", "Q4_1")
+    first = load_weights(path, progress=False, quantization="int4")
+    assert (gguf_file.cache_entry(path) / gguf_file.INT4_WEIGHTS_FILE).is_file()
+
+    def no_reader(path: Path) -> None:
+        raise AssertionError("the GGUF file was opened despite the int4 cache")
+
+    monkeypatch.setattr(gguf_file, "open_gguf", no_reader)
+    second = load_weights(path, progress=False, quantization="int4")
+    assert sorted(second.tensors) == sorted(first.tensors)
+    for part in ("tensors", "scales", "zeros"):
+        for name, tensor in getattr(first, part).items():
+            assert torch.equal(getattr(second, part)[name], tensor), (part, name)
+
+
+def test_int4_refused_where_it_cannot_run(checkpoint: Path) -> None:
+    with pytest.raises(QuantizationError, match="float32"):
+        Engine.from_args(EngineArgs(model=str(checkpoint), dtype="bfloat16",
+                                    quantization="int4", progress=False))
+    odd = make_tiny_hf_checkpoint(checkpoint.parent, hidden_size=48, intermediate_size=96,
+                                  num_heads=4, num_kv_heads=2, name="odd")
+    with pytest.raises(QuantizationError, match="multiple of 32"):
+        load_weights(odd, progress=False, quantization="int4")

@@ -81,6 +81,10 @@ def weight_bytes(model: nn.Module) -> int:
         weight_t = getattr(module, "weight_t", None)
         if isinstance(weight_t, torch.Tensor):
             total += weight_t.numel() * weight_t.element_size()
+        elif hasattr(module, "_scales_and_zeros"):  # Int4Projection: packed 4-bit codes
+            packed, groups = module._packed, module._scales_and_zeros
+            total += packed.numel() * packed.element_size()
+            total += groups.numel() * groups.element_size()
         elif hasattr(module, "_packed"):  # Int8Projection: int8 values + fp32 row scales
             # duck-typed: the --before ref's Int8Projection is another class (and has no planes)
             planes: int = getattr(module, "planes", 1)
@@ -107,8 +111,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--context", type=int, default=128, help="cached tokens per sequence")
-    parser.add_argument("--variants", default="fp32,int8,int8x2,int8x2-head",
-                        help="fp32, int8, int8x2, int8x2-head (fp32 layers, int8x2 LM head); "
+    parser.add_argument("--variants", default="fp32,int8,int8x2,int8x2-head,int4",
+                        help="fp32, int8, int8x2, int8x2-head (fp32 layers, int8x2 LM head), "
+                             "int4; "
                              "a variant the --before ref lacks is timed 'after' only")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",

@@ -4,32 +4,41 @@ The router keeps a :class:`LoadBoard`: the latest load each replica reported (an
 :class:`~app.load.ReplicaLoad`, polled every ``stats_interval_s``) plus the requests this router
 sent it since that poll, which the report cannot contain yet: together a
 :class:`~app.load.LoadEstimate`. From that estimate it predicts how long a new request would
-queue::
+queue before it can start. Only work queued ahead that cannot run yet counts: a request the
+replica can take now (room for it after everything queued ahead of it) has no queue wait::
 
     seq_blocks = ceil(min(seq_tokens, R * B) / B)             # blocks a typical sequence holds
     startable = min(free_slots, free_blocks // seq_blocks)   # sequences that could start now
     short = max(0, waiting_sequences + n - startable)        # sequences that must wait for room
-    predicted_wait = waiting_tokens / prefill_tokens_per_s + short * seq_tokens / tokens_per_s
+    blocked = max(0, waiting_sequences - startable)          # those queued ahead of it
+    blocked_tokens = waiting_tokens * blocked / waiting_sequences
+    predicted_wait = 0                                                    if short == 0
+                   = blocked_tokens / prefill_tokens_per_s + short * seq_tokens / tokens_per_s
 
-``waiting_tokens`` are prompt tokens not yet prefilled; the replica works through them at its
-measured ``prefill_tokens_per_s`` (in steps that ran prompt chunks: many times the decode rate,
-as a step's cost hardly grows with its token count). A sequence that finds no room waits for a
-running one to finish, which takes about ``seq_tokens`` (the measured mean tokens of a finished
-sequence, prompt + output) of the replica's work at ``tokens_per_s``, its measured rate
-overall. Worked example: 4 slots all busy, 2 sequences waiting with 60 prompt tokens,
-sequences average 100 tokens, the replica prefills 600 and drains 200 tokens/s; a new n=1
-request finds short = 2 + 1 - 0 = 3, predicted_wait = 60/600 + 3*100/200 = 1.6 s. A burst into
-free slots costs only prefill time: 16 requests of 140 prompt tokens into 16 free slots at
-1000 prompt tokens/s predict 2.24 s for the last one, whatever the decode rate.
+A sequence that finds no room waits for a running one to finish, which takes about
+``seq_tokens`` (the measured mean tokens of a finished sequence, prompt + output) of the
+replica's work at ``tokens_per_s``, its measured rate overall; the queued sequences ahead of it
+that cannot start yet must also be prefilled (``waiting_tokens`` are prompt tokens not yet
+prefilled, their share by count, at the measured ``prefill_tokens_per_s``: many times the
+decode rate, as a step's cost hardly grows with its token count). The prompts of sequences
+that start now are prefilled together with the running batch: that is part of every request's
+time to first token, not a queue wait, so a burst that fits is admitted whatever the rates.
+Worked example: 4 slots all busy, 2 sequences waiting with 60 prompt tokens, sequences
+average 100 tokens, the replica prefills 600 and drains 200 tokens/s; a new n=1 request finds
+short = 2 + 1 - 0 = 3, blocked = 2, predicted_wait = 60/600 + 3*100/200 = 1.6 s. A burst into
+free slots waits for nothing: 16 requests of 140 prompt tokens into 16 free slots predict 0 s
+for the last one, whatever the rates; the 17th finds short = 16 + 1 - 16 = 1, blocked = 0:
+one sequence's drain, 100/200 = 0.5 s.
 
 How much room a replica has is read in one place, :meth:`LoadBoard.room`: the engine's KV
 cache is paged (blocks of B positions, at most R per sequence), so how many more sequences fit
 depends on their length: free blocks over the blocks a sequence of ``seq_tokens`` holds,
 capped by ``free_slots`` (``max_num_seqs`` minus running). Worked example: blocks of 16, 40
 free blocks, 30 free slots, sequences average 100 tokens (7 blocks): 5 can start; 4 sequences
-wait with 60 prompt tokens; a new n=2 request finds short = 4 + 2 - 5 = 1, predicted_wait =
-60/600 + 1*100/200 = 0.6 s. A replica that reports no blocks counts its free slots alone (the
-first worked example above).
+wait with 60 prompt tokens, all of which can start; a new n=2 request finds
+short = 4 + 2 - 5 = 1, blocked = 0, predicted_wait = 1*100/200 = 0.5 s. With 2 free blocks
+(none can start) the same request finds short = 6, blocked = 4: 60/600 + 6*100/200 = 3.1 s.
+A replica that reports no blocks counts its free slots alone (the first worked example).
 
 A request goes to the replica with the smallest predicted wait (ties: more room to spare, then
 fewer running sequences), so an idle replica always wins over one with a queue. It is shed
@@ -219,8 +228,19 @@ class LoadBoard:
         return min(est.free_slots, est.free_blocks // blocks)
 
     def predicted_wait(self, est: LoadEstimate, seqs: int = 1) -> float:
-        return (est.waiting_tokens / est.prefill_tokens_per_s
-                + self.room(est, seqs).short * self.seq_tokens / est.tokens_per_s)
+        """Seconds a request of ``seqs`` sequences would queue on the replica before it could
+        start: 0 when there is room for it behind the queued sequences that can start now;
+        otherwise the prefill of the queued sequences that cannot start yet plus the drain
+        of the running sequences whose room it needs (module docstring)."""
+        startable = self.startable(est)
+        short = max(0, est.waiting_sequences + seqs - startable)
+        if short == 0:
+            return 0.0
+        blocked = max(0, est.waiting_sequences - startable)
+        blocked_tokens = (est.waiting_tokens * blocked / est.waiting_sequences
+                          if est.waiting_sequences > 0 else 0.0)
+        return (blocked_tokens / est.prefill_tokens_per_s
+                + short * self.seq_tokens / est.tokens_per_s)
 
     def admit(self, request_id: str, prompt_tokens: int, seqs: int = 1,
               force: bool = False) -> Admission:

@@ -49,23 +49,38 @@ def test_docstring_example_predicts_wait() -> None:
         (60 + 3 * 100) / 200.0)
 
 
-def test_burst_into_free_slots_is_admitted_at_the_prefill_rate() -> None:
-    # 16 free slots, decode-bound drain rate 30 tokens/s, prefill 1000 prompt tokens/s: a
-    # burst of 16 requests of 140 prompt tokens each fits; at the drain rate alone the last
-    # ones would have been predicted to wait over a minute and been shed.
-    b = board(snap("a", slots=16, rate=30.0, prefill_rate=1000.0), max_queue_wait_s=10.0)
-    waits = []
+def test_burst_into_free_slots_waits_for_nothing_whatever_the_rates() -> None:
+    # 16 free slots, a slow replica (drain 30 tokens/s, prefill unmeasured so the drain rate
+    # stands in): a burst of 16 requests of 140 prompt tokens each can all start at once, so
+    # none of them queues. (Before, the prompts queued ahead counted at the prefill rate and
+    # the last ones predicted 15 * 140 / 30 = 70 s: a burst the replica held was shed.)
+    b = board(snap("a", slots=16, rate=30.0), max_queue_wait_s=10.0)
     for i in range(16):
         d = b.admit(f"r{i}", prompt_tokens=140)
         assert isinstance(d, Accepted), d
-        waits.append(d.predicted_wait_s)
-    assert waits[-1] == pytest.approx(15 * 140 / 1000.0)
-    # the 17th finds no slot: it also waits for a sequence of ~400 tokens to finish at the
-    # drain rate, 2.4 s + 13.3 s > 10 s -> shed
+        assert d.predicted_wait_s == 0.0
+    # the 17th finds no slot: it waits for one sequence of ~400 tokens to finish at the
+    # drain rate, 13.3 s > 10 s -> shed; nothing queued ahead of it is blocked, so no prefill
     b.finished("old", [400])
     shed = b.admit("r16", prompt_tokens=140)
-    assert isinstance(shed, Shed) and shed.predicted_wait_s == pytest.approx(
-        16 * 140 / 1000.0 + 400 / 30.0)
+    assert isinstance(shed, Shed) and shed.reason == "queue_wait"
+    assert shed.predicted_wait_s == pytest.approx(400 / 30.0)
+    assert shed.retry_after_s == 4  # ceil(13.33 - 10)
+
+
+def test_only_sequences_that_cannot_start_count_their_prefill() -> None:
+    # 2 free slots, 5 sequences queued with 500 prompt tokens: 2 can start, 3 are blocked
+    # (their share of the prompt tokens: 300). A new request is short 5 + 1 - 2 = 4.
+    b = board(snap("a", slots=6, running=4, waiting=5, tokens=500, rate=100.0,
+                   prefill_rate=1000.0))
+    b.finished("x", [50])
+    est = b.estimate("a")
+    assert b.predicted_wait(est) == pytest.approx(300 / 1000.0 + 4 * 50 / 100.0)
+    # with room for all of them and the request, the same queue costs nothing
+    roomy = board(snap("a", slots=10, running=4, waiting=5, tokens=500, rate=100.0,
+                       prefill_rate=1000.0))
+    assert roomy.predicted_wait(roomy.estimate("a")) == 0.0
+    assert roomy.predicted_wait(roomy.estimate("a"), seqs=2) > 0  # 5 + 2 > 6 free
 
 
 def test_idle_replica_wins_over_busy_one() -> None:
@@ -177,7 +192,13 @@ def test_docstring_example_predicts_wait_from_blocks() -> None:
     b.finished("x", [100])  # sequences average 100 tokens: 7 blocks of 16
     est = b.estimate("a")
     assert b.startable(est) == 5  # 40 // 7, under the 30 free slots
-    assert b.predicted_wait(est, seqs=2) == pytest.approx(60 / 600 + 1 * 100 / 200)
+    assert b.predicted_wait(est, seqs=1) == 0.0  # the 4 queued and this one all fit
+    assert b.predicted_wait(est, seqs=2) == pytest.approx(1 * 100 / 200)
+    tight = board(blocks_snap("a", free_blocks=2, waiting=4, tokens=60))
+    tight.finished("x", [100])
+    assert tight.startable(tight.estimate("a")) == 0
+    assert tight.predicted_wait(tight.estimate("a"), seqs=2) == pytest.approx(
+        60 / 600 + 6 * 100 / 200)
 
 
 def test_free_blocks_not_free_slots_decide_who_waits() -> None:
@@ -194,3 +215,30 @@ def test_free_blocks_not_free_slots_decide_who_waits() -> None:
     full = board(blocks_snap("a", free_blocks=0, waiting=32), max_waiting=32)
     full.finished("x", [300])
     assert isinstance(full.admit("r", prompt_tokens=20), Shed)
+
+
+def test_burst_of_32_the_pool_holds_is_admitted_at_prior_rates_then_overload_sheds() -> None:
+    """Issue #12's burst: 32 requests of ~100 prompt tokens into a fresh replica with the
+    defaults (max_num_seqs 32, 2 GiB of blocks) and no measured rate yet. Each one can start
+    at once, so none waits; at the 50 tokens/s prior the old prediction, counting every
+    queued prompt, reached 31 * 100 / 50 = 62 s for the last one and shed it."""
+    fresh = replica_load("a", waiting_sequences=0, waiting_tokens=0, running_sequences=0,
+                         free_slots=32, total_slots=32, tokens_per_s=0.0,
+                         prefill_tokens_per_s=0.0, healthy=True, free_blocks=8192,
+                         total_blocks=8192, block_size=16, blocks_per_sequence_max=256)
+    b = board(fresh, max_queue_wait_s=60.0)
+    for i in range(32):
+        d = b.admit(f"r{i}", prompt_tokens=100)
+        assert isinstance(d, Accepted) and d.predicted_wait_s == 0.0, (i, d)
+    # The 33rd finds every sequence place taken: it queues behind one finishing sequence.
+    d33 = b.admit("r32", prompt_tokens=100)
+    assert isinstance(d33, Accepted) and d33.predicted_wait_s == pytest.approx(64 / 50.0)
+    # Real overload is still shed: a full replica with a long blocked queue.
+    full = board(blocks_snap("a", free_blocks=0, free_slots=0, waiting=30, tokens=3000,
+                             rate=40.0, prefill_rate=400.0), max_queue_wait_s=60.0)
+    for i in range(20):
+        full.finished(f"done{i}", [250])
+    shed = full.admit("flood", prompt_tokens=100)
+    assert isinstance(shed, Shed) and shed.reason == "queue_wait"
+    assert shed.predicted_wait_s == pytest.approx(3000 / 400 + 31 * 250 / 40)
+    assert shed.retry_after_s >= 1

@@ -137,8 +137,8 @@ PROMPT_TOKENS = MetricSpec("ringserve_prompt_tokens", "counter",
 GENERATED_TOKENS = MetricSpec("ringserve_generated_tokens", "counter",
                               "Output tokens the engine generated", "replica", "short")
 CONTEXT_WINDOW_RATIO = MetricSpec("ringserve_context_window_ratio", "histogram",
-                                  "Context length / W of each finished sequence (> 1: its ring "
-                                  "wrapped and attention saw only the last W tokens)", "replica",
+                                  "Context length / W of each finished sequence (> 1: attention "
+                                  "saw only its last W tokens)", "replica",
                                   "short", (), WINDOW_RATIO_BUCKETS)
 
 # Replica: engine steps ------------------------------------------------------------------------
@@ -152,9 +152,14 @@ STEP_TIME = MetricSpec("ringserve_engine_step_seconds", "histogram",
                        "Duration of one engine step (model run, sampling, bookkeeping)",
                        "replica", "s", (), STEP_BUCKETS_S)
 RING_OVERWRITES = MetricSpec("ringserve_ring_overwritten_rows", "counter",
-                             "KV cache rows the rolling buffer overwrote: positions >= W "
-                             "written, counted once per sequence (not per layer)", "replica",
-                             "short")
+                             "KV cache rows the rolling buffer reused: positions >= R*B (a "
+                             "sequence's ring of R blocks of B rows) run, each in the row of "
+                             "the position R*B before it; counted once per sequence (not per "
+                             "layer)", "replica", "short")
+PREEMPTIONS = MetricSpec("ringserve_preemptions", "counter",
+                         "Sequences preempted: a decoding sequence found no free KV cache "
+                         "block, so the newest running one gave its blocks back and was "
+                         "requeued at the front, to be recomputed", "replica", "short")
 
 # Replica: gauges, re-set at every stats poll ---------------------------------------------------
 RUNNING = MetricSpec("ringserve_running_sequences", "gauge",
@@ -185,16 +190,16 @@ WINDOW = MetricSpec("ringserve_window_tokens", "gauge",
                     "W: rows per sequence of the rolling KV buffer (min(sliding window, "
                     "max_model_len))", "replica", "short")
 PAST_WINDOW = MetricSpec("ringserve_sequences_past_window", "gauge",
-                         "Running sequences whose cached context has passed W (their ring has "
-                         "wrapped)", "replica", "short")
+                         "Running sequences whose cached context has passed W (attention "
+                         "sees only their last W tokens)", "replica", "short")
 
 METRICS: tuple[MetricSpec, ...] = (
     REQUESTS, SHED, DEADLINE_EXCEEDED, CANCELLED, TTFT, E2E, QUEUE_WAIT, PREDICTED_WAIT,
     BATCH_SIZE, TPOT, ITL, REQUEST_QUEUE_TIME, PREFILL_TIME, DECODE_TIME, PROMPT_LENGTH,
     GENERATION_LENGTH, FINISHED, PROMPT_TOKENS, GENERATED_TOKENS, CONTEXT_WINDOW_RATIO,
-    STEP_BATCH_SIZE, STEP_TOKENS, STEP_TIME, RING_OVERWRITES, RUNNING, WAITING, WAITING_TOKENS,
-    TOKENS_PER_S, PREFILL_TOKENS_PER_S, KV_USED, KV_TOTAL, KV_BLOCKS_USED, KV_BLOCKS_TOTAL,
-    WINDOW, PAST_WINDOW,
+    STEP_BATCH_SIZE, STEP_TOKENS, STEP_TIME, RING_OVERWRITES, PREEMPTIONS, RUNNING, WAITING,
+    WAITING_TOKENS, TOKENS_PER_S, PREFILL_TOKENS_PER_S, KV_USED, KV_TOTAL, KV_BLOCKS_USED,
+    KV_BLOCKS_TOTAL, WINDOW, PAST_WINDOW,
 )
 
 # Each gauge and counter is one EngineStats figure (the record the replica reports).
@@ -211,6 +216,7 @@ _COUNTER_TOTALS: dict[MetricSpec, Callable[[EngineStats], int]] = {
     PROMPT_TOKENS: lambda s: s.prompt_tokens_total,
     GENERATED_TOKENS: lambda s: s.generated_tokens_total,
     RING_OVERWRITES: lambda s: s.ring_rows_overwritten_total,
+    PREEMPTIONS: lambda s: s.preemptions_total,
 }
 
 

@@ -188,6 +188,10 @@ def overview() -> Dashboard:
                   "pool's size, over all replicas.", "short",
                   (s.gauge(m.KV_BLOCKS_USED, legend="used"),
                    s.gauge(m.KV_BLOCKS_TOTAL, legend="total"))),
+            Panel("Preemptions per second", "Sequences preempted per second, over all "
+                  "replicas: a decoding sequence found no free block, so the newest one gave "
+                  "its blocks back to be recomputed (steadily above 0: the pool is too small "
+                  "for the load).", "short", (s.rate(m.PREEMPTIONS, legend="preemptions/s"),)),
             Panel("Engine batch size", "Sequences per engine step: mean and p90.", "short",
                   (s.mean(m.STEP_BATCH_SIZE),
                    *s.quantiles(m.STEP_BATCH_SIZE, qs=(0.9,)))),
@@ -201,8 +205,8 @@ def overview() -> Dashboard:
                   "it admitted, p50 / p99.", "s", s.quantiles(m.PREDICTED_WAIT, qs=(0.5, 0.99))),
         )),
         Row("Sliding window and rolling cache", (
-            Panel("Sequences past the window", "Share of running sequences whose ring has "
-                  "wrapped (context past W).", "percentunit",
+            Panel("Sequences past the window", "Share of running sequences whose context "
+                  "has passed W (attention sees only their last W tokens).", "percentunit",
                   (Query(f"sum({s.sel(m.PAST_WINDOW)}) / clamp_min(sum({s.sel(m.RUNNING)}), 1)",
                          "past W / running", (m.PAST_WINDOW, m.RUNNING)),)),
             Panel("Ring overwrites per second", "KV rows the rolling buffer overwrote per "
@@ -255,6 +259,9 @@ def per_replica() -> Dashboard:
                   (s.gauge(m.TOKENS_PER_S, "replica", "{{replica}}"),)),
             Panel("Waiting prompt tokens", "Per replica.", "short",
                   (s.gauge(m.WAITING_TOKENS, "replica", "{{replica}}"),)),
+            Panel("Preemptions per second", "Sequences sent back for recompute per second, "
+                  "per replica (no free KV cache block).", "short",
+                  (s.rate(m.PREEMPTIONS, "replica", "{{replica}}"),)),
         )),
         Row("Latency and steps", (
             Panel("Time to first token (replica)", "p50 / p99 from arrival at the replica.",
@@ -268,7 +275,7 @@ def per_replica() -> Dashboard:
                   (s.mean(m.STEP_BATCH_SIZE, "replica"),)),
         )),
         Row("Sliding window", (
-            Panel("Sequences past the window", "Running sequences whose ring has wrapped.",
+            Panel("Sequences past the window", "Running sequences whose context has passed W.",
                   "short", (s.gauge(m.PAST_WINDOW, "replica", "{{replica}}"),)),
             Panel("Ring overwrites per second", "Per replica.", "short",
                   (s.rate(m.RING_OVERWRITES, "replica", "{{replica}}"),)),

@@ -93,8 +93,10 @@ class EngineStats:
     kv_cache_bytes: int
     kv_cache_used_bytes: int
     healthy: bool
-    # The rolling buffer made visible: W, running sequences whose context has passed W (their
-    # ring has wrapped), and rows the ring overwrote so far (positions >= W, once per sequence).
+    # The rolling buffer made visible: W, running sequences whose context has passed W
+    # (attention sees only their last W tokens), and ring rows reused so far: the ring of a
+    # sequence is R*B rows (R blocks of B), so position i >= R*B takes the row of position
+    # i - R*B (long out of the window); counted per position, once per sequence.
     window_tokens: int = 0
     sequences_past_window: int = 0
     ring_rows_overwritten_total: int = 0

@@ -69,6 +69,7 @@ def stats(**overrides: Any) -> EngineStats:
         total_slots=4, tokens_per_s=100.0, prefill_tokens_per_s=400.0, kv_cache_bytes=4096,
         kv_cache_used_bytes=2048, healthy=True, window_tokens=32, sequences_past_window=1,
         ring_rows_overwritten_total=5, prompt_tokens_total=60, generated_tokens_total=7,
+        preemptions_total=0,
         recent_steps=(StepRecord(1, 2, 40, 0.02), StepRecord(2, 2, 2, 0.01)))
     base.update(overrides)
     return EngineStats(**base)
@@ -96,11 +97,15 @@ def test_replica_poll_sets_every_gauge_and_counts_growth_once(recorded) -> None:
     assert calls(recorded, metrics.WAITING)[0][1] == 1.0  # EngineStats.waiting_sequences
     assert [c[1] for c in calls(recorded, metrics.RING_OVERWRITES)] == [5.0]
     assert [c[1] for c in calls(recorded, metrics.PROMPT_TOKENS)] == [60.0]
+    assert calls(recorded, metrics.PREEMPTIONS) == []  # never preempted: never exported
     assert [c[1] for c in calls(recorded, metrics.STEP_BATCH_SIZE)] == [2.0, 2.0]
     assert [c[1] for c in calls(recorded, metrics.STEP_TOKENS)] == [40.0, 2.0]
-    replica.record_stats(stats(generated_tokens_total=10, recent_steps=(
+    replica.record_stats(stats(generated_tokens_total=10, preemptions_total=2, recent_steps=(
         StepRecord(2, 2, 2, 0.01), StepRecord(3, 1, 1, 0.01))))
     assert [c[1] for c in calls(recorded, metrics.GENERATED_TOKENS)] == [7.0, 3.0]
+    assert [c[1] for c in calls(recorded, metrics.PREEMPTIONS)] == [2.0]
+    replica.record_stats(stats(generated_tokens_total=10, preemptions_total=3))
+    assert [c[1] for c in calls(recorded, metrics.PREEMPTIONS)] == [2.0, 1.0]
     assert [c[1] for c in calls(recorded, metrics.STEP_TOKENS)] == [40.0, 2.0, 1.0]
     assert all(c[2]["model"] == "m" for spec in METRICS for c in calls(recorded, spec))
 
@@ -149,6 +154,7 @@ def test_router_labels_stay_bounded_and_504_is_a_deadline_shed(recorded) -> None
 
 # Engine figures (plain data, no Ray) -----------------------------------------------------------
 WINDOW = 16
+BLOCK = 4  # R = ceil((W - 1) / B) + 1 = 5 blocks: a sequence's ring is R*B = 20 rows
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +167,8 @@ def swa_engine(tmp_path_factory: pytest.TempPathFactory):
         tmp_path_factory.mktemp("swa-metrics"), model_type="mistral", sliding_window=WINDOW,
         hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
     return Engine.from_args(EngineArgs(model=str(folder), max_model_len=128, max_num_seqs=4,
-                                       max_num_batched_tokens=64, progress=False))
+                                       max_num_batched_tokens=64, block_size=BLOCK,
+                                       progress=False))
 
 
 def test_engine_reports_steps_tokens_and_the_ring(swa_engine) -> None:
@@ -182,8 +189,9 @@ def test_engine_reports_steps_tokens_and_the_ring(swa_engine) -> None:
     after = engine.stats()
     assert after.prompt_tokens_total - before.prompt_tokens_total == 10
     assert after.generated_tokens_total - before.generated_tokens_total == 12
-    # positions 0..20 ran through the model (the 12th token is never fed back): 16..20 wrap
-    assert after.ring_rows_overwritten_total - before.ring_rows_overwritten_total == 5
+    # positions 0..20 ran through the model (the 12th token is never fed back): 16..20 pushed
+    # one out of the window W = 16, but only position 20 reused a row of the 20-row ring
+    assert after.ring_rows_overwritten_total - before.ring_rows_overwritten_total == 1
     assert past_window_seen == 1 and after.sequences_past_window == 0
     steps = [s for s in after.recent_steps if s.index > (before.recent_steps or
                                                           (StepRecord(0, 0, 0, 0),))[-1].index]

@@ -1,13 +1,15 @@
 """Integration: the real app and a real Prometheus in one private network namespace.
 
-One Serve instance (1 LLM replica, 2 slots, window 32 so rings wrap) takes traffic that makes
-every metric happen: completions, streaming chats, a bad request, an unknown model, a client
-that disconnects mid-stream, a request that is still queued at its deadline (504) and a burst
-that is shed (429). Debian's ``prometheus`` (started here on 127.0.0.1 in the same namespace)
-scrapes Ray's metrics agent through this run's own service-discovery file. Then: every metric
-of app/metrics.py is on Ray's metrics endpoint, every panel query of every dashboard returns
-data from Prometheus, and the overview is drawn to a PNG (RINGSERVE_DASHBOARD_PNG_DIR keeps
-it; default: pytest's tmp dir). Needs root and iproute2 (skipped otherwise).
+One Serve instance (1 LLM replica, 2 slots, window 32 so rings wrap, a KV pool of 5 blocks
+where two growing sequences need 6, so one is preempted) takes traffic that makes every
+metric happen: completions, streaming chats, a bad request, an unknown model, a client that
+disconnects mid-stream, a request that is still queued at its deadline (504) behind two that
+outgrow the pool (a preemption) and a burst that is shed (429). Debian's ``prometheus``
+(started here on 127.0.0.1 in the same namespace) scrapes Ray's metrics agent through this
+run's own service-discovery file. Then: every metric of app/metrics.py is on Ray's metrics
+endpoint, every panel query of every dashboard returns data from Prometheus, and the overview
+is drawn to a PNG (RINGSERVE_DASHBOARD_PNG_DIR keeps it; default: pytest's tmp dir). Needs
+root and iproute2 (skipped otherwise).
 """
 
 from __future__ import annotations
@@ -49,9 +51,15 @@ PORT = 8124  # inside the namespace: nothing else listens there
 PROMETHEUS_PORT = 9090
 BASE = f"http://127.0.0.1:{PORT}"
 SLOTS = 2
+# Window 32, blocks of 16: a sequence holds at most R = ceil(31 / 16) + 1 = 3 blocks. A block
+# of SmolLM2-135M in fp32 is 2 * 30 layers * 16 * 3 KV heads * 64 * 4 bytes = 737280 bytes:
+# 5 of them, so two sequences that both grow to 3 blocks cannot run together.
+BLOCK_BYTES, POOL_BLOCKS = 737280, 5
+SHORT_PROMPT = "Count to fifty:"  # under 16 tokens: one block at admission
 SERVER_ARGS = ["num_replicas=1", f"max_num_seqs={SLOTS}", "max_model_len=256", "window=32",
-               "max_waiting_per_replica=2", "batch_window_ms=5", "replica_num_cpus=0.5",
-               "router_num_cpus=0.25", f"port={PORT}", "host=127.0.0.1"]
+               f"kv_cache_memory={BLOCK_BYTES * POOL_BLOCKS}", "max_waiting_per_replica=2",
+               "batch_window_ms=5", "replica_num_cpus=0.5", "router_num_cpus=0.25",
+               f"port={PORT}", "host=127.0.0.1"]
 # Longer than W = 32 tokens: prompt + output pass the window, so the ring wraps.
 LONG_PROMPT = ("The rolling buffer keeps the last W positions of every sequence, and the "
                "attention of each layer looks back at most W tokens. ") * 3
@@ -146,8 +154,8 @@ def stack() -> Iterator[Stack]:
 
 
 # Traffic -------------------------------------------------------------------------------------
-def _completion(max_tokens: int, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": max_tokens,
+def _completion(max_tokens: int, prompt: str = LONG_PROMPT, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, **extra}
 
 
@@ -157,8 +165,13 @@ async def _running(http: httpx.AsyncClient) -> int:
 
 
 async def _deadline_while_full(http: httpx.AsyncClient) -> int:
-    """Fill both slots, then send a request with a tiny deadline: still queued -> 504."""
-    fill = [asyncio.create_task(http.post("/v1/completions", json=_completion(48)))
+    """Fill both slots, then send a request with a tiny deadline: still queued -> 504.
+
+    The two fills start with one block each and grow to R = 3 at position 32: the pool of 5
+    cannot hold both, so the newer one is preempted (requeued, recomputed), and the late
+    request queues behind it."""
+    fill = [asyncio.create_task(http.post("/v1/completions",
+                                          json=_completion(48, prompt=SHORT_PROMPT)))
             for _ in range(SLOTS)]
     started = time.monotonic()
     while await _running(http) < SLOTS:
@@ -253,6 +266,8 @@ def _wait_until(check: Any, what: str) -> None:
 
 
 def test_traffic_did_what_the_metrics_need(traffic: dict[str, list[int]]) -> None:
+    pool = httpx.get(f"{BASE}/load", timeout=10).json()["replicas"][0]
+    assert pool["total_blocks"] == POOL_BLOCKS and pool["block_size"] == 16, pool
     assert set(traffic["completions"]) == {200}
     assert traffic["bad"] == [400, 404, 400, 404]
     assert traffic["deadline"] == [504, 504]
@@ -281,7 +296,8 @@ def test_every_panel_query_returns_data(stack: Stack, traffic: dict[str, list[in
                  'ray_ringserve_time_to_first_token_seconds_bucket{side="router"}[5m])))',
                  'sum(ray_ringserve_shed_requests_total{reason="queue_full"})',
                  'sum(ray_ringserve_shed_requests_total{reason="deadline"})',
-                 'sum(ray_ringserve_finished_requests_total{reason="abort"})'):
+                 'sum(ray_ringserve_finished_requests_total{reason="abort"})',
+                 "sum(ray_ringserve_preemptions_total)"):
         values = [float(r["value"][1]) for r in _instant(url, expr)]
         assert values and all(math.isfinite(v) and v > 0 for v in values), (expr, values)
 

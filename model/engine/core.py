@@ -175,15 +175,16 @@ class EngineCore:
         return outputs
 
     def _step_figures(self, scheduled: list[ScheduledChunk]) -> StepFigures:
-        # a position >= W pushes the oldest one out of the window (its row is dead and is
-        # overwritten when the ring of R*B rows comes round): the metric counts those
-        window = self.window_tokens
+        # a position >= W pushes the oldest one out of the window, but its row is reused only
+        # when the ring of R*B rows comes round: position i >= R*B takes the row of position
+        # i - R*B. The metric counts those positions (once per sequence, not per layer)
+        ring = self.cache.table_len * self.cache.block_size
         prompt = overwritten = 0
         for chunk in scheduled:
             end = chunk.start_pos + chunk.num_tokens
             prompt += max(0, min(end, self.sequences[chunk.seq_id].prompt_len)
                           - chunk.start_pos)
-            overwritten += max(0, end - max(chunk.start_pos, window))
+            overwritten += max(0, end - max(chunk.start_pos, ring))
         return StepFigures(len(scheduled), prompt, overwritten)
 
     def _apply_pending(self) -> list[StepOutput]:

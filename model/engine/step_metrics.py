@@ -39,7 +39,7 @@ class StepFigures:
 
     batch_size: int
     prompt_tokens: int  # tokens of the chunks that lie inside their sequence's prompt
-    ring_rows_overwritten: int  # positions >= W written (each overwrites a ring row)
+    ring_rows_overwritten: int  # positions >= R*B run (each reuses the ring row of i - R*B)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from typing import Any
 
 LAYERS = ("engine", "replica", "router", "serve")
 CLIENT_TIMEOUT_S = 300.0
+IDLE_S = 5.0  # the Serve processes' idle CPU is measured this long before the rounds
 
 
 @dataclass
@@ -58,6 +59,7 @@ class LayerTimes:
     wrong: int = 0  # rounds whose token count was not --tokens
     tokens: int = 0  # generated over the counted rounds
     cpu_s: dict[str, float] = field(default_factory=dict)  # path CPU seconds per process role
+    wall_s: float = 0.0  # the counted rounds' wall time
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -297,6 +299,12 @@ def run(args: argparse.Namespace) -> int:
             serve_roles[serve.proc.pid] = "loopback forwarder"
             replica_pid = next((p for p, r in serve_roles.items() if r == "LLM replica"), -1)
             roles.update(serve_roles)
+        idle_cores: dict[str, float] = {}
+        if serve is not None:  # Ray's daemons and the router's load polls run when idle too
+            ticks_before = thread_ticks(list(roles))
+            time.sleep(IDLE_S)
+            idle_cores = {role: seconds / IDLE_S for role, seconds in path_cpu_s(
+                ticks_before, thread_ticks(list(roles)), roles, replica_pid, threads).items()}
         rounds = args.rounds + 1  # round 0 warms every layer up and is not counted
         for index in range(rounds):
             for layer in args.layers:
@@ -304,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
                 engine_pid = replica_pid if layer == "serve" else os.getpid()
                 watched = list(roles) if layer == "serve" else [os.getpid()]
                 ticks_before = thread_ticks(watched)
+                started = time.perf_counter()
                 if layer == "engine":
                     ms, total, chunks = on_loop(engine_round(engine, prompt, args.tokens))
                 elif layer == "replica":
@@ -317,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 figures = times[layer]
                 figures.tokens += total
+                figures.wall_s += time.perf_counter() - started
                 for role, seconds in cpu.items():
                     figures.cpu_s[role] = figures.cpu_s.get(role, 0.0) + seconds
                 figures.per_token_ms.append(ms)
@@ -334,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
             serve.stop()
         on_loop(engine.shutdown())
         loop.call_soon_threadsafe(loop.stop)
-    report(args, times, threads)
+    report(args, times, threads, idle_cores)
     return 0
 
 
@@ -368,7 +378,8 @@ def start_serve(args: argparse.Namespace, app_args: dict[str, str]) -> Any:
     return server
 
 
-def report(args: argparse.Namespace, times: dict[str, LayerTimes], threads: int) -> None:
+def report(args: argparse.Namespace, times: dict[str, LayerTimes], threads: int,
+           idle_cores: dict[str, float]) -> None:
     print(f"stream overhead: concurrency 1, {args.tokens} output tokens, {args.prompt_len}-token "
           f"prompt, greedy, ignore_eos, streamed; {args.rounds} interleaved rounds (medians); "
           f"{threads} torch threads; {os.cpu_count()} cpus; load average after "
@@ -392,11 +403,17 @@ def report(args: argparse.Namespace, times: dict[str, LayerTimes], threads: int)
           "(SSE chunks) per request; path CPU: CPU time of the serving path per token, from "
           "/proc, leaving out the engine's threads (its torch-threads busiest ones): this "
           "process (engine, replica, router layers) or every Serve process (serve layer)")
-    for layer, figures in times.items():
-        if len(figures.cpu_s) > 1:
-            print(f"{layer} path CPU ms/token by process: " + ", ".join(
-                f"{role} {seconds * 1e3 / max(1, figures.tokens):.2f}"
-                for role, seconds in sorted(figures.cpu_s.items(), key=lambda kv: -kv[1])))
+    serve = times.get("serve")
+    if serve is not None and serve.tokens:
+        per_token = {role: seconds * 1e3 / serve.tokens for role, seconds in serve.cpu_s.items()}
+        above = {role: (seconds - idle_cores.get(role, 0.0) * serve.wall_s) * 1e3 / serve.tokens
+                 for role, seconds in serve.cpu_s.items()}
+        print("serve path CPU ms/token by process (all / above its idle rate): " + ", ".join(
+            f"{role} {per_token[role]:.2f} / {above[role]:.2f}"
+            for role in sorted(per_token, key=lambda r: -per_token[r])))
+        print(f"serve path CPU above idle: {sum(above.values()):.2f} ms/token; idle (measured "
+              f"for {IDLE_S:g} s before the rounds): " + ", ".join(
+                  f"{role} {cores:.3f} cores" for role, cores in sorted(idle_cores.items())))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -173,7 +173,8 @@ class Router:
         app = FastAPI(title="ringserve", docs_url=None, redoc_url=None)
         install_error_handlers(app)
 
-        app.add_middleware(StatusCounter, record=self.metrics.request)
+        app.add_middleware(StatusCounter,
+                           record=lambda route, status: self.metrics.request(route, status))
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/load", self.load, methods=["GET"])

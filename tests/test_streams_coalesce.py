@@ -119,7 +119,8 @@ def test_an_engine_error_after_ready_chunks_sends_them_then_the_error(local_clus
     assert len(events) == 2
 
 
-def _chunk(index: int, text: str, token: int, finish: FinishReason | None = None) -> GenerationChunk:
+def _chunk(index: int, text: str, token: int, finish: FinishReason | None = None
+           ) -> GenerationChunk:
     return GenerationChunk("r", index, text, (token,), logprobs=(TokenLogprob(token, -1.0),),
                            top_logprobs=((TokenLogprob(token, -1.0),),), finish_reason=finish,
                            prompt_tokens=5, completion_tokens=token)

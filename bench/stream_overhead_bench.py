@@ -22,7 +22,13 @@ engines (this process's and the replica's) use the same torch threads (the repli
 :meth:`app.config.AppConfig.replica_threads`, ``--threads`` to set) and stay idle while the
 other one works. The in-process engine's own step time (its ``recent_steps``) is printed per
 layer too: a step that grows beside the HTTP work is CPU or GIL contention, a per-token time
-above the step time is the path losing time between steps. Prints; asserts nothing.
+above the step time is the path losing time between steps. And per layer the path's CPU time
+per token (from /proc, the engine's ``threads`` busiest threads left out), for the serve
+layer per Serve process and above its idle rate (measured for ``IDLE_S`` before the rounds):
+on a shared box the times swing with the neighbours' load, the CPU per token much less.
+Start it with ``setsid`` on a shared box: the server runs in its own session (a scheduler
+autogroup of its own), and the in-process layers should compete on the same terms.
+Prints; asserts nothing.
 
     python -m bench.stream_overhead_bench [--tokens 64] [--prompt-len 32] [--rounds 6]
         [--layers engine,replica,router,serve] [--threads N] [--port 8441] [--seed 0]

@@ -70,6 +70,34 @@ def test_a_lagging_stream_sends_one_event_per_choice_with_the_whole_answer(
     assert usage["usage"]["completion_tokens"] == 24
 
 
+def test_a_lagging_stream_of_several_prompts_keeps_each_choice_whole(local_cluster: Any,
+                                                                     tokenizer: Any) -> None:
+    router = make_router(held_back(local_cluster(replicas=1)), tokenizer)
+    body = completion(prompt=["Hello there", "Hi", "A longer prompt here"], max_tokens=10, n=2)
+
+    async def main() -> tuple[Any, Any]:
+        plain = await call(router, "POST", "/v1/completions", json=body)
+        streamed = await call(router, "POST", "/v1/completions",
+                              json={**body, "stream": True,
+                                    "stream_options": {"include_usage": True}})
+        return plain, streamed
+
+    plain, streamed = asyncio.run(main())
+    events = sse_events(streamed.text)
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            if choice["finish_reason"] is not None:
+                finished[choice["index"]] = choice["finish_reason"]
+    expected = {c["index"]: c["text"] for c in plain.json()["choices"]}
+    assert texts == expected and len(expected) == 6
+    assert finished == {i: "length" for i in range(6)}
+    assert len(events) - 1 < 60  # fewer events than tokens: the ready ones went together
+    assert events[-1]["usage"] == plain.json()["usage"]
+
+
 def test_a_lagging_chat_stream_keeps_role_content_and_usage(local_cluster: Any,
                                                             tokenizer: Any) -> None:
     router = make_router(held_back(local_cluster(replicas=1)), tokenizer)

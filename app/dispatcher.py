@@ -102,6 +102,14 @@ class Ticket:
 
     async def events(self) -> AsyncIterator[GenerationChunk]:
         """The request's chunks in order; raises RequestFailed on an error event."""
+        async for batch in self.batches():
+            for chunk in batch:
+                yield chunk
+
+    async def batches(self) -> AsyncIterator[list[GenerationChunk]]:
+        """The request's chunks in order, in lists: each holds every chunk that had arrived
+        by the time its reader came for it (one, unless the reader lags behind the engine).
+        Raises RequestFailed on an error event, after the chunks that came before it."""
         while True:
             timeout = None
             if not self.started and self.deadline is not None:
@@ -111,12 +119,20 @@ class Ticket:
             except asyncio.TimeoutError:
                 self.timed_out = True
                 raise RequestFailed(504, "the request was still queued at its deadline") from None
-            if item is _END:
-                return
-            if isinstance(item, ItemError):
-                raise RequestFailed(item.status, item.message)
-            assert isinstance(item, GenerationChunk)
-            yield item
+            batch: list[GenerationChunk] = []
+            while True:
+                if item is _END or isinstance(item, ItemError):
+                    if batch:
+                        yield batch
+                    if isinstance(item, ItemError):
+                        raise RequestFailed(item.status, item.message)
+                    return
+                assert isinstance(item, GenerationChunk)
+                batch.append(item)
+                if self.queue.empty():
+                    break
+                item = self.queue.get_nowait()
+            yield batch
 
 
 class Dispatcher:

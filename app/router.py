@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.admission import AdmissionLimits, LoadBoard
 from app.config import AppConfig
@@ -50,6 +51,30 @@ def load_router_tokenizer(model: str | None) -> TokenizerLike:
     from model.tokenizers import load_tokenizer
 
     return load_tokenizer(default_model_path() if model is None else Path(model))
+
+
+class StatusCounter:
+    """ASGI middleware: ``record(route label, status)`` when a response starts.
+
+    Pure ASGI, not Starlette's ``@app.middleware("http")``: that one passes a streamed body
+    through a memory stream and a task group, an extra hop and task switch per SSE write."""
+
+    def __init__(self, app: ASGIApp, record: Callable[[str, int], None]) -> None:
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = route_label(scope["path"])
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.record(route, int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
 
 
 class Router:
@@ -148,12 +173,8 @@ class Router:
         app = FastAPI(title="ringserve", docs_url=None, redoc_url=None)
         install_error_handlers(app)
 
-        @app.middleware("http")
-        async def _count(request: Request, call_next: Callable[[Request], Any]) -> Any:
-            response = await call_next(request)
-            self.metrics.request(route_label(request.url.path), response.status_code)
-            return response
-
+        app.add_middleware(StatusCounter,
+                           record=lambda route, status: self.metrics.request(route, status))
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/load", self.load, methods=["GET"])

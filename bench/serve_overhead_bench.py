@@ -277,7 +277,8 @@ class Server:
     @property
     def namespace(self) -> NetNamespace | None:
         """The server's network namespace, while it exists."""
-        return NetNamespace.find(NETNS_PREFIX, self.proc.pid) if self.proc else None
+        prefix = os.environ.get("RINGSERVE_NETNS_PREFIX", NETNS_PREFIX)  # as ringserve serve
+        return NetNamespace.find(prefix, self.proc.pid) if self.proc else None
 
     @property
     def netns(self) -> str | None:

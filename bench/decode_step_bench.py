@@ -82,9 +82,9 @@ def weight_bytes(model: nn.Module) -> int:
         if isinstance(weight_t, torch.Tensor):
             total += weight_t.numel() * weight_t.element_size()
         elif hasattr(module, "_scales_and_zeros"):  # Int4Projection: packed 4-bit codes
-            packed, groups = module._packed, module._scales_and_zeros
-            total += packed.numel() * packed.element_size()
-            total += groups.numel() * groups.element_size()
+            for part in (module._packed, module._scales_and_zeros):
+                assert isinstance(part, torch.Tensor)
+                total += part.numel() * part.element_size()
         elif hasattr(module, "_packed"):  # Int8Projection: int8 values + fp32 row scales
             # duck-typed: the --before ref's Int8Projection is another class (and has no planes)
             planes: int = getattr(module, "planes", 1)

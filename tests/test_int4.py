@@ -22,7 +22,7 @@ from model.int4 import Int4Projection, quantize_int4, quantize_int8_planes
 from model.quantization import QuantizationError, resolve_quantization
 from model.requests import GenerationChunk, GenerationRequest
 from model.sampling_params import SamplingParams
-from model.transformer import Transformer
+from model.transformer import Projection, Transformer
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
 
@@ -194,7 +194,9 @@ def test_int4_loads_per_tensor_and_builds_the_same_model(checkpoint: Path) -> No
     # unquantized from int4-loaded tensors: the codes are dequantized, not read as numbers
     plain = Transformer.from_tensors(loaded.config, loaded.tensors, scales=loaded.scales,
                                      zeros=loaded.zeros)
-    weight_t = plain.layers[0].down_proj.weight_t
+    down = plain.layers[0].down_proj
+    assert isinstance(down, Projection)
+    weight_t = down.weight_t
     name = "layers.0.mlp.down_proj.weight"
     assert torch.equal(weight_t, quantize_int4(fp32.tensors[name]).dequantize().T)
 

@@ -99,12 +99,13 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) ->
     if name == "int4":
         from model.int4 import int4_kernel_available
 
-        if not cpu_fp32 or not int4_kernel_available():
+        has_kernel = int4_kernel_available()
+        if not cpu_fp32 or not has_kernel:
             raise QuantizationError(
                 "quantization int4 runs on CPU with float32 activations and needs torch's CPU "
                 "int4 matmul (_weight_int4pack_mm_for_cpu); got device "
                 f"{device.type} and dtype {str(dtype).removeprefix('torch.')}"
-                + ("" if int4_kernel_available() else ", and this torch lacks the kernel"))
+                + ("" if has_kernel else ", and this torch lacks the kernel"))
         return "int4"
     if name in INT8_PLANES and not cpu_fp32:
         raise QuantizationError(

@@ -250,7 +250,7 @@ class Transformer(nn.Module):
                 else:
                     projection = int4.Int4Projection(int4.concat_rows([
                         int4.Int4Weight(tensors[n], scales[n], zeros[n]) if n in zeros
-                        else int4.quantize_int4(tensors[n]) for n in parts]))
+                        else int4.quantize_int4(fp32(n)) for n in parts]))
                 model.set_submodule(module_name, projection)
             elif planes:
                 per_part = [int8(n) for n in parts]  # [part][plane]

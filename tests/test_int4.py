@@ -20,11 +20,10 @@ from model.engine import Engine
 from model.engine_args import EngineArgs
 from model.int4 import Int4Projection, quantize_int4, quantize_int8_planes
 from model.quantization import QuantizationError, resolve_quantization
-from model.requests import GenerationChunk, GenerationRequest
-from model.sampling_params import SamplingParams
 from model.transformer import Projection, Transformer
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
+from tests.engine_checks import assert_greedy_stable_across_batch_compositions
 
 pytestmark = pytest.mark.skipif(not int4.int4_kernel_available(),
                                 reason="this torch build has no CPU int4 matmul")
@@ -149,26 +148,7 @@ def test_int4_engine_greedy_output_stable_across_batch_compositions(checkpoint: 
                                          prefill_chunk=20, progress=False,
                                          quantization="int4"))
     assert isinstance(engine.model.layers[0].qkv_proj, Int4Projection)
-    gen = torch.Generator().manual_seed(7)
-    prompts = [tuple(torch.randint(3, 32000, (n,), generator=gen).tolist())
-               for n in (5, 37, 12, 60, 1, 25)]
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-
-    def requests(tag: str) -> list[GenerationRequest]:
-        return [GenerationRequest(f"{tag}{i}", p, params) for i, p in enumerate(prompts)]
-
-    alone = [engine.run_to_completion([r])[0].token_ids for r in requests("a")]
-    together = [c.token_ids for c in engine.run_to_completion(requests("b"))]
-    assert together == alone
-    staggered: dict[str, tuple[int, ...]] = {}
-    pending = requests("c")
-    while engine.has_work or pending:
-        if pending:
-            engine.add(pending.pop(0))
-        for out in engine.step():
-            assert isinstance(out, GenerationChunk), out
-            staggered[out.request_id] = staggered.get(out.request_id, ()) + out.token_ids
-    assert [staggered[f"c{i}"] for i in range(len(prompts))] == alone
+    assert_greedy_stable_across_batch_compositions(engine, max_tokens=20)
 
 
 def test_int4_loads_per_tensor_and_builds_the_same_model(checkpoint: Path) -> None:

@@ -31,11 +31,12 @@ from model.quantization import (
     quantize_rows,
     resolve_quantization,
 )
-from model.requests import GenerationChunk, GenerationRequest
+from model.requests import GenerationRequest
 from model.sampling_params import SamplingParams
 from model.transformer import Transformer
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
+from tests.engine_checks import assert_greedy_stable_across_batch_compositions
 
 KERNEL_TOLERANCE = 1e-3  # of max|reference output|
 
@@ -189,28 +190,7 @@ def int8_engine(checkpoint: Path) -> Engine:
 def test_int8_engine_greedy_output_stable_across_batch_compositions(int8_engine: Engine
                                                                     ) -> None:
     assert isinstance(int8_engine.model.layers[0].down_proj, Int8Projection)
-    gen = torch.Generator().manual_seed(7)
-    prompts = [tuple(torch.randint(3, 32000, (n,), generator=gen).tolist())
-               for n in (5, 37, 12, 60, 1, 25)]
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-    def requests(tag: str) -> list[GenerationRequest]:
-        return [GenerationRequest(f"{tag}{i}", p, params) for i, p in enumerate(prompts)]
-
-    alone = [int8_engine.run_to_completion([r])[0].token_ids for r in requests("a")]
-    together = [c.token_ids for c in int8_engine.run_to_completion(requests("b"))]
-    assert together == alone
-    # staggered: later requests join while earlier ones decode (mixed prefill + decode steps)
-    staggered: dict[str, tuple[int, ...]] = {}
-    pending = requests("c")
-    int8_engine.add(pending.pop(0))
-    while int8_engine.has_work or pending:
-        if pending:
-            int8_engine.add(pending.pop(0))
-        for out in int8_engine.step():
-            assert isinstance(out, GenerationChunk), out
-            staggered[out.request_id] = staggered.get(out.request_id, ()) + out.token_ids
-    assert [staggered[f"c{i}"] for i in range(len(prompts))] == alone
+    assert_greedy_stable_across_batch_compositions(int8_engine, max_tokens=24)
 
 
 def test_int8_refused_on_a_dtype_it_cannot_run(checkpoint: Path) -> None:

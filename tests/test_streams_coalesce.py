@@ -38,12 +38,9 @@ def sse_events(text: str) -> list[dict[str, Any]]:
     return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
 
 
-def test_a_lagging_stream_sends_one_event_per_choice_with_the_whole_answer(
-        local_cluster: Any, tokenizer: Any) -> None:
-    router = make_router(held_back(local_cluster(replicas=1)), tokenizer)
-    plain_router = make_router(local_cluster(replicas=1), tokenizer)
-    body = completion(max_tokens=12, n=2, logprobs=1)
-
+def plain_and_streamed(plain_router: Any, router: Any, body: dict[str, Any]) -> tuple[Any, Any]:
+    """The completion answered whole by ``plain_router``, then streamed (with usage) by
+    ``router``."""
     async def main() -> tuple[Any, Any]:
         plain = await call(plain_router, "POST", "/v1/completions", json=body)
         streamed = await call(router, "POST", "/v1/completions",
@@ -51,7 +48,16 @@ def test_a_lagging_stream_sends_one_event_per_choice_with_the_whole_answer(
                                     "stream_options": {"include_usage": True}})
         return plain, streamed
 
-    plain, streamed = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_lagging_stream_sends_one_event_per_choice_with_the_whole_answer(
+        local_cluster: Any, tokenizer: Any) -> None:
+    router = make_router(held_back(local_cluster(replicas=1)), tokenizer)
+    plain_router = make_router(local_cluster(replicas=1), tokenizer)
+    body = completion(max_tokens=12, n=2, logprobs=1)
+
+    plain, streamed = plain_and_streamed(plain_router, router, body)
     assert plain.status_code == 200 and streamed.status_code == 200, streamed.text
     events = sse_events(streamed.text)
     chunks, usage = events[:-1], events[-1]
@@ -75,14 +81,7 @@ def test_a_lagging_stream_of_several_prompts_keeps_each_choice_whole(local_clust
     router = make_router(held_back(local_cluster(replicas=1)), tokenizer)
     body = completion(prompt=["Hello there", "Hi", "A longer prompt here"], max_tokens=10, n=2)
 
-    async def main() -> tuple[Any, Any]:
-        plain = await call(router, "POST", "/v1/completions", json=body)
-        streamed = await call(router, "POST", "/v1/completions",
-                              json={**body, "stream": True,
-                                    "stream_options": {"include_usage": True}})
-        return plain, streamed
-
-    plain, streamed = asyncio.run(main())
+    plain, streamed = plain_and_streamed(router, router, body)
     events = sse_events(streamed.text)
     texts: dict[int, str] = {}
     finished: dict[int, str] = {}

@@ -80,6 +80,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                         "file's own weights, the fastest form); auto: on CPU the fastest int8 "
                         "form that meets the accuracy goals (int8x2), bf16 unquantized on "
                         "CUDA; none: the dtype as given")
+    p.add_argument("--no-dense-prefill", dest="dense_prefill", action="store_false",
+                   help="int4: keep no bf16 copy of the projections for prompt tokens "
+                        "(smallest memory, slower prefill)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with text and token_ids (generated ids only)")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
@@ -103,7 +106,7 @@ def generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
         block_size=args.kv_block_size,
         max_num_seqs=max(args.n, 1), progress=not args.quiet,
-        quantization=args.quantization))
+        quantization=args.quantization, dense_prefill=args.dense_prefill))
     if not args.quiet:
         print(f"loaded {engine.model_name} in {time.monotonic() - started:.1f}s",
               file=sys.stderr)

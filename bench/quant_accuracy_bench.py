@@ -11,9 +11,11 @@ Two checks from issue #13, both against the fp32 model built from the same check
 
 Variants (``--variants``): ``int8`` is what ``--quantization int8`` serves (int8 weights and
 int8 activations, fbgemm); ``int4`` what ``--quantization int4`` serves (4-bit groups, bf16
-activations; see model/int4.py); ``int8x2`` what ``--quantization int8x2`` serves (two int8 planes
-per weight, ~15-bit weights, same kernel); ``int8-weights`` runs fp32 matmuls over the
-int8-rounded weights (isolates the weight rounding from the activation rounding);
+activations, prompt tokens through bf16 dense copies; see model/int4.py), ``int4-no-dense``
+the same with ``dense_prefill`` off (the int4 kernel for prompt tokens too); ``int8x2`` what
+``--quantization int8x2`` serves (two int8 planes per weight, ~15-bit weights, same kernel);
+``int8-weights`` runs fp32 matmuls over the int8-rounded weights (isolates the weight rounding
+from the activation rounding);
 ``int8-fp32-head`` is int8 with the LM head left in fp32.
 
     python -m bench.quant_accuracy_bench [--tokens 2048] [--window 512] [--threads N]
@@ -82,13 +84,15 @@ def greedy_texts(engine, max_tokens: int) -> list[tuple[int, ...]]:
     return [choice.token_ids for choice in engine.run_to_completion(requests)]
 
 
-def _engine(quantization: str, weights_only: bool, fp32_head: bool = False):
+def _engine(quantization: str, weights_only: bool, fp32_head: bool = False,
+            dense_prefill: bool = True):
     from model.engine import Engine
     from model.engine_args import EngineArgs
     from model.transformer import Transformer
 
     engine = Engine.from_args(EngineArgs(max_model_len=1024, max_num_seqs=len(PROMPTS),
-                                         progress=False, quantization=quantization))
+                                         progress=False, quantization=quantization,
+                                         dense_prefill=dense_prefill))
     if weights_only:  # fp32 matmuls over the int8-rounded weights
         from model.weights import load_weights
 
@@ -125,11 +129,13 @@ def main() -> None:
     ref_greedy = greedy_texts(reference, args.max_tokens)
     rows = [("fp32", ref_ppl, len(PROMPTS))]
     for variant in args.variants.split(","):
-        if variant not in ("int8", "int8x2", "int4", "int8-weights", "int8-fp32-head"):
+        if variant not in ("int8", "int8x2", "int4", "int4-no-dense", "int8-weights",
+                           "int8-fp32-head"):
             raise SystemExit(f"unknown variant {variant!r}")
         quantization = {"int8-weights": "none", "int8x2": "int8x2",
-                        "int4": "int4"}.get(variant, "int8")
-        engine = _engine(quantization, variant == "int8-weights", variant == "int8-fp32-head")
+                        "int4": "int4", "int4-no-dense": "int4"}.get(variant, "int8")
+        engine = _engine(quantization, variant == "int8-weights", variant == "int8-fp32-head",
+                         dense_prefill=variant != "int4-no-dense")
         ppl = perplexity(engine.model, text_ids, args.window)
         same = sum(a == b for a, b in zip(greedy_texts(engine, args.max_tokens), ref_greedy,
                                           strict=True))

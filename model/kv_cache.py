@@ -111,6 +111,9 @@ class SequenceChunk:
     slot: int
     start_pos: int
     num_tokens: int
+    # the sequence's prompt length when known: rows below it are prompt tokens (int4's
+    # dense prefill path; see model.transformer.prompt_row_mask)
+    prompt_len: int | None = None
 
 
 @dataclass(frozen=True)

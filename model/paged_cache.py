@@ -42,6 +42,9 @@ class PagedChunk:
     block_table: tuple[int, ...]
     start_pos: int
     num_tokens: int
+    # the sequence's prompt length when known: rows below it are prompt tokens (int4's
+    # dense prefill path; see model.transformer.prompt_row_mask)
+    prompt_len: int | None = None
 
 
 @dataclass(frozen=True)

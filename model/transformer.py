@@ -190,6 +190,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Projection(config.hidden_size, config.vocab_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # which rows of a step are prompt tokens, for int4 projections with a dense copy
+        self.prompt_rows = int4.PromptRows()
         self.requires_grad_(False)
 
     @classmethod
@@ -197,7 +199,8 @@ class Transformer(nn.Module):
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                      quantization: Quantization = "none",
                      scales: Mapping[str, torch.Tensor] | None = None,
-                     zeros: Mapping[str, torch.Tensor] | None = None) -> Transformer:
+                     zeros: Mapping[str, torch.Tensor] | None = None,
+                     dense_prefill: bool = False) -> Transformer:
         """Build from canonical (HF-layout) tensors, fusing q/k/v and gate/up projections.
 
         Projection weights are stored transposed (see :class:`Projection`); a tied output
@@ -209,7 +212,9 @@ class Transformer(nn.Module):
         quantized here. Unquantized, int8 inputs are dequantized. ``quantization="int4"``
         makes every projection an :class:`~model.int4.Int4Projection` (4-bit groups, as loaded
         when ``zeros`` holds the weight's group zeros, else quantized here; the LM head from
-        its fp32 weight, see :func:`_int4_projection`).
+        its fp32 weight, see :func:`_int4_projection`). ``dense_prefill`` (int4 only) gives
+        every decoder projection a bf16 dense copy for prompt tokens (see
+        :class:`~model.int4.Int4Projection`); the LM head stays int4.
         """
         scales, zeros = scales or {}, zeros or {}
         planes = INT8_PLANES.get(quantization, 0)
@@ -250,7 +255,9 @@ class Transformer(nn.Module):
                 else:
                     projection = int4.Int4Projection(int4.concat_rows([
                         int4.Int4Weight(tensors[n], scales[n], zeros[n]) if n in zeros
-                        else int4.quantize_int4(fp32(n)) for n in parts]))
+                        else int4.quantize_int4(fp32(n)) for n in parts]),
+                        dense=dense_prefill, prompt_rows=model.prompt_rows)
+                model.prompt_rows.wanted = dense_prefill
                 model.set_submodule(module_name, projection)
             elif planes:
                 per_part = [int8(n) for n in parts]  # [part][plane]
@@ -266,6 +273,29 @@ class Transformer(nn.Module):
         model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device=device)
         model.eval()
         return model
+
+    def _mark_prompt_rows(self, chunks: Sequence[SequenceChunk | PagedChunk]) -> None:
+        """Tell the projections which rows are prompt tokens (a slice when they are one
+        run, as the scheduler's decode-first order makes them)."""
+        split = self.prompt_rows
+        split.rows = split.rest = None
+        if not split.wanted or all(
+                c.num_tokens == 1 and c.start_pos >= (1 if c.prompt_len is None else c.prompt_len)
+                for c in chunks):
+            return  # no dense copies, or a plain decode step: no per-row work
+        mask = prompt_row_mask(chunks)
+        if not any(mask):
+            return
+        if all(mask):
+            split.rows = slice(None)
+            return
+        first = mask.index(True)
+        if all(mask[first:]) and not any(mask[:first]):  # decodes, then prompt chunks
+            split.rows, split.rest = slice(first, None), slice(0, first)
+            return
+        device = self.device
+        split.rows = torch.tensor([i for i, m in enumerate(mask) if m], device=device)
+        split.rest = torch.tensor([i for i, m in enumerate(mask) if not m], device=device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -314,12 +344,30 @@ class Transformer(nn.Module):
             plan = plan_cache_access(slotted, cache.buffer_len, self.config.sliding_window,
                                      token_ids.device)
         x = self.embed_tokens(token_ids)  # [N, hidden]
-        for layer in self.layers:
-            x = layer(x, cos, sin, plan, cache)
+        self._mark_prompt_rows(chunks)
+        try:
+            for layer in self.layers:
+                x = layer(x, cos, sin, plan, cache)
+        finally:
+            self.prompt_rows.rows = self.prompt_rows.rest = None
         if not all_logits and len(chunks) != x.shape[0]:  # some chunk has several tokens
             last = torch.tensor(list(_cumulative_ends(chunks)), device=x.device) - 1
             x = x[last]  # [num_chunks, hidden]
         return self.lm_head(self.norm(x)).float()
+
+
+def prompt_row_mask(chunks: Sequence[SequenceChunk | PagedChunk]) -> list[bool]:
+    """Per token row of a step, whether it is a prompt token: the chunk's positions below
+    its ``prompt_len``; a chunk without one counts as prompt when it has several tokens or
+    starts at 0 (a decode is one token past the start)."""
+    mask: list[bool] = []
+    for c in chunks:
+        if c.prompt_len is None:
+            mask.extend([c.num_tokens > 1 or c.start_pos == 0] * c.num_tokens)
+        else:
+            inside = max(0, min(c.num_tokens, c.prompt_len - c.start_pos))
+            mask.extend([True] * inside + [False] * (c.num_tokens - inside))
+    return mask
 
 
 def _int4_head(weight: torch.Tensor) -> int4.Int4Projection:

@@ -18,9 +18,10 @@ import torch
 from model import gguf_file, int4
 from model.engine import Engine
 from model.engine_args import EngineArgs
-from model.int4 import Int4Projection, quantize_int4, quantize_int8_planes
+from model.int4 import Int4Projection, PromptRows, quantize_int4, quantize_int8_planes
+from model.paged_cache import PagedChunk
 from model.quantization import QuantizationError, resolve_quantization
-from model.transformer import Projection, Transformer
+from model.transformer import Projection, Transformer, prompt_row_mask
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
 from tests.engine_checks import assert_greedy_stable_across_batch_compositions
@@ -147,8 +148,49 @@ def test_int4_engine_greedy_output_stable_across_batch_compositions(checkpoint: 
                                          max_num_seqs=8, max_num_batched_tokens=48,
                                          prefill_chunk=20, progress=False,
                                          quantization="int4"))
-    assert isinstance(engine.model.layers[0].qkv_proj, Int4Projection)
+    projection = engine.model.layers[0].qkv_proj
+    assert isinstance(projection, Int4Projection) and projection.dense  # the default
+    assert not isinstance(engine.model.lm_head, Int4Projection) or not engine.model.lm_head.dense
+    # prompts chunked by 20 in a 48-token budget: prompt rows beside decode rows in a step
     assert_greedy_stable_across_batch_compositions(engine, max_tokens=20)
+
+
+def test_dense_prefill_rows_take_the_bf16_copy_and_decode_rows_the_int4_kernel() -> None:
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+    split = PromptRows()
+    dense = Int4Projection(quantize_int4(weight), dense=True, prompt_rows=split)
+    plain = Int4Projection(quantize_int4(weight))
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(4))
+    bf16_reference = (x.bfloat16() @ quantize_int4(weight).dequantize().t().bfloat16()).float()
+    assert torch.equal(dense(x), plain(x))  # no rows marked: the int4 kernel for all
+    split.rows = slice(None)  # every row a prompt token
+    assert torch.equal(dense(x), bf16_reference)
+    for rows, rest in ((slice(3, None), slice(0, 3)),
+                       (torch.tensor([0, 2, 5]), torch.tensor([1, 3, 4, 6]))):
+        split.rows, split.rest = rows, rest
+        out = dense(x)
+        assert torch.equal(out[rows], bf16_reference[rows])
+        for i in torch.arange(7)[rest].tolist():  # a decode row is what it is alone
+            assert torch.equal(out[i], plain(x[i:i + 1])[0])
+    assert not torch.equal(bf16_reference, plain(x))  # the two paths do differ
+
+
+def test_prompt_rows_follow_each_chunks_prompt_length() -> None:
+    chunks = [PagedChunk((0,), 9, 1, prompt_len=5),  # a decode
+              PagedChunk((1,), 0, 4, prompt_len=10),  # a prompt chunk
+              PagedChunk((2,), 3, 4, prompt_len=5),  # recompute: 2 prompt + 2 generated
+              PagedChunk((3,), 6, 1)]  # no prompt length: one token past 0 is a decode
+    assert prompt_row_mask(chunks) == [False, True, True, True, True, True, True, False,
+                                       False, False]
+    assert prompt_row_mask([PagedChunk((0,), 0, 1), PagedChunk((1,), 0, 3)]) == [True] * 4
+
+
+def test_without_dense_prefill_the_projections_hold_int4_only(checkpoint: Path) -> None:
+    engine = Engine.from_args(EngineArgs(model=str(checkpoint), max_model_len=64,
+                                         progress=False, quantization="int4",
+                                         dense_prefill=False))
+    projection = engine.model.layers[0].gate_up_proj
+    assert isinstance(projection, Int4Projection) and not projection.dense
 
 
 def test_int4_loads_per_tensor_and_builds_the_same_model(checkpoint: Path) -> None:

@@ -87,7 +87,7 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         config = config.with_window(args.window)
     model = Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device,
                                      quantization=quantization, scales=loaded.scales,
-                                     zeros=loaded.zeros)
+                                     zeros=loaded.zeros, dense_prefill=args.dense_prefill)
     del loaded
     tokenizer = load_tokenizer(path)
     max_model_len = args.max_model_len or min(config.max_position_embeddings,

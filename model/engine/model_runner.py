@@ -38,7 +38,8 @@ class ModelRunner:
             seq = sequences[chunk.seq_id]
             tokens.extend(seq.token_ids[chunk.start_pos:chunk.start_pos + chunk.num_tokens])
         token_ids = torch.tensor(tokens, dtype=torch.long, device=self.model.device)  # [N]
-        chunks = [PagedChunk(c.block_table, c.start_pos, c.num_tokens) for c in scheduled]
+        chunks = [PagedChunk(c.block_table, c.start_pos, c.num_tokens,
+                             sequences[c.seq_id].prompt_len) for c in scheduled]
         logits = self.model(token_ids, chunks, self.cache)  # [num_chunks, V]
         rows_index = [i for i, c in enumerate(scheduled) if c.samples]
         if not rows_index:

@@ -76,9 +76,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    default=DEFAULT_QUANTIZATION,
                    help="int8: projections and LM head as int8 (CPU); int8x2: as two int8 "
                         "planes each (~15-bit weights, CPU); int4: projections as 4-bit "
-                        "groups, LM head as 8-bit groups, bf16 activations (CPU; a GGUF Q4_1 "
-                        "file's own weights, the fastest form); auto: on CPU the fastest int8 "
-                        "form that meets the accuracy goals (int8x2), bf16 unquantized on "
+                        "groups, bf16 activations, LM head int8x2 (CPU; a GGUF Q4_1 file's "
+                        "own weights, the fastest form); auto: on CPU the fastest form that "
+                        "meets the accuracy goals (int4, else int8x2), bf16 unquantized on "
                         "CUDA; none: the dtype as given")
     p.add_argument("--no-dense-prefill", dest="dense_prefill", action="store_false",
                    help="int4: keep no bf16 copy of the projections for prompt tokens "

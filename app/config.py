@@ -69,9 +69,9 @@ class AppConfig(BaseModel):
     quantization: Literal["none", "int8", "int8x2", "int4", "auto"] = Field(
         DEFAULT_QUANTIZATION, description="int8: projections and LM head as int8 (CPU, fbgemm); "
         "int8x2: as two int8 planes each (~15-bit weights, CPU, fbgemm); int4: projections as "
-        "4-bit groups of 32, the LM head as 8-bit groups (CPU with AVX-512 BF16 speed, bf16 "
-        "activations; a GGUF Q4_1 file's own weights exactly); auto: on CPU the "
-        "fastest int8 form that meets the accuracy goals (int8x2), bf16 unquantized on CUDA; "
+        "4-bit groups of 32 (CPU with AVX-512 BF16 speed, bf16 activations; a GGUF Q4_1 "
+        "file's own weights exactly), the LM head int8x2; auto: on CPU the fastest form that "
+        "meets the accuracy goals (int4, else int8x2), bf16 unquantized on CUDA; "
         "none: weights in `dtype`.",
     )
     dense_prefill: bool = Field(

@@ -15,16 +15,20 @@ Two forms, chosen per weight:
 * :func:`quantize_int8_planes` — symmetric 8 bits per group (``d = max|w| / 127``, GGUF's
   ``Q8_0``, reproduced exactly) written as two int4 planes: the code ``u = round(w / d) + 128``
   splits into nibbles ``u = 16 hi + lo``, plane one ``(hi - 8) * 16d``, plane two ``(lo - 8) *
-  d + 8d``, whose sum is ``d (u - 128)``. The LM head uses it (the default model's is Q8_0):
-  both planes run as one kernel call over ``2 * out`` rows, summed after.
+  d + 8d``, whose sum is ``d (u - 128)``: both planes run as one kernel call over ``2 * out``
+  rows, summed after. The model's LM head used it until its bf16 logits proved the main
+  source of greedy flips; the head is now int8x2 (model/transformer.py), and this form stays
+  for Q8_0 weights that must run at int4 speed.
 
 The kernel rounds its inputs and outputs to bf16 (8-bit mantissas), the scales and zeros too;
-the residual stream, norms, attention and the KV cache stay fp32. Accuracy against the fp32
-model (bench/quant_accuracy_bench.py, default model, 2026-12-02): perplexity +0.10%, greedy
-32-token continuations identical for 14 of 20 prompts. Simulated one rounding at a time with
-fp32 matmuls: bf16 outputs alone leave 12 of 20 identical, bf16 scales and zeros 15, bf16
-inputs 19 (so splitting activations into two bf16 rows does not pay); the kernel has no fp32
-output. Speed: bench/decode_step_bench.py (variant int4).
+the residual stream, norms, attention and the KV cache stay fp32. Prompt tokens can take a
+bf16 dense copy of the weight instead (:class:`Int4Projection` ``dense``; faster at prefill
+sizes). Accuracy against the fp32 model (bench/quant_accuracy_bench.py, default model,
+2026-12-02), greedy 32-token continuations identical of 20: int4 everywhere with an int4 head
+14 (perplexity +0.10%); with the dense prompt copies 15; with those and the int8x2 head (what
+the model builds) 17, perplexity -0.06%. Simulated one rounding at a time with fp32 matmuls:
+bf16 outputs alone leave 12 of 20 identical, bf16 scales and zeros 15, bf16 inputs 19; the
+kernel has no fp32 output. Speed: bench/decode_step_bench.py (variant int4).
 """
 
 from __future__ import annotations

@@ -211,8 +211,11 @@ class Transformer(nn.Module):
         ``load_weights`` returns them) are used as they are under int8, fp32 ones are
         quantized here. Unquantized, int8 inputs are dequantized. ``quantization="int4"``
         makes every projection an :class:`~model.int4.Int4Projection` (4-bit groups, as loaded
-        when ``zeros`` holds the weight's group zeros, else quantized here; the LM head from
-        its fp32 weight, see :func:`_int4_projection`). ``dense_prefill`` (int4 only) gives
+        when ``zeros`` holds the weight's group zeros, else quantized here); its LM head is
+        int8x2 (:class:`~model.quantization.Int8Projection`, two int8 planes, fp32 output):
+        the int4 kernel's bf16 logits moved greedy near-ties (15 of 20 continuations as fp32's,
+        17 of 20 with this head, bench/quant_accuracy_bench.py), at ~0.6 ms more per batch-1
+        step and less at batch 16. ``dense_prefill`` (int4 only) gives
         every decoder projection a bf16 dense copy for prompt tokens (see
         :class:`~model.int4.Int4Projection`); the LM head stays int4.
         """
@@ -250,8 +253,8 @@ class Transformer(nn.Module):
                 state[p + norm + ".weight"] = tensors[p + norm + ".weight"]
         for module_name, parts in fused.items():
             if quantization == "int4":
-                if module_name == "lm_head":
-                    projection = _int4_head(fp32(parts[0]))
+                if module_name == "lm_head":  # see the int4 branch's docstring note above
+                    projection = Int8Projection(quantize_planes(fp32(parts[0]), 2))
                 else:
                     projection = int4.Int4Projection(int4.concat_rows([
                         int4.Int4Weight(tensors[n], scales[n], zeros[n]) if n in zeros
@@ -368,16 +371,6 @@ def prompt_row_mask(chunks: Sequence[SequenceChunk | PagedChunk]) -> list[bool]:
             inside = max(0, min(c.num_tokens, c.prompt_len - c.start_pos))
             mask.extend([True] * inside + [False] * (c.num_tokens - inside))
     return mask
-
-
-def _int4_head(weight: torch.Tensor) -> int4.Int4Projection:
-    """The int4 LM head: 4-bit groups where they reproduce the weight exactly (a GGUF Q4_1
-    output), else 8-bit groups as two int4 planes (exact for a Q8_0 one; see
-    :mod:`model.int4`): greedy decoding is the most sensitive to the head's rounding."""
-    four_bit = int4.quantize_int4(weight)
-    if int4.reproduces(four_bit, weight):
-        return int4.Int4Projection(four_bit)
-    return int4.Int4Projection(int4.quantize_int8_planes(weight))
 
 
 def fused_projections(config: ModelConfig, tied: bool) -> dict[str, list[str]]:

@@ -20,7 +20,7 @@ from model.engine import Engine
 from model.engine_args import EngineArgs
 from model.int4 import Int4Projection, PromptRows, quantize_int4, quantize_int8_planes
 from model.paged_cache import PagedChunk
-from model.quantization import QuantizationError, resolve_quantization
+from model.quantization import Int8Projection, QuantizationError, resolve_quantization
 from model.transformer import Projection, Transformer, prompt_row_mask
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
@@ -126,8 +126,8 @@ def test_int4_model_from_a_q4_1_gguf_uses_the_files_weights(tied: bool, tmp_path
                                      quantization="int4")
     layer = model.layers[0]
     assert isinstance(layer.gate_up_proj, Int4Projection) and layer.gate_up_proj.planes == 1
-    # a tied head is the Q8_0 embedding: two planes; an untied Q4_1 output: one
-    assert isinstance(model.lm_head, Int4Projection) and model.lm_head.planes == (2 if tied else 1)
+    # the head is int8x2 (fp32 logits: greedy near-ties), tied (the Q8_0 embedding) or not
+    assert isinstance(model.lm_head, Int8Projection) and model.lm_head.planes == 2
     for name in ("layers.0.mlp.down_proj.weight", "layers.1.self_attn.q_proj.weight"):
         weight = dequantized.tensors[name]
         assert torch.allclose(quantize_int4(weight).dequantize(), weight, rtol=0, atol=1e-6)
@@ -150,7 +150,7 @@ def test_int4_engine_greedy_output_stable_across_batch_compositions(checkpoint: 
                                          quantization="int4"))
     projection = engine.model.layers[0].qkv_proj
     assert isinstance(projection, Int4Projection) and projection.dense  # the default
-    assert not isinstance(engine.model.lm_head, Int4Projection) or not engine.model.lm_head.dense
+    assert isinstance(engine.model.lm_head, Int8Projection)
     # prompts chunked by 20 in a 48-token budget: prompt rows beside decode rows in a step
     assert_greedy_stable_across_batch_compositions(engine, max_tokens=20)
 

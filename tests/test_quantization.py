@@ -20,8 +20,10 @@ import torch
 from model import gguf_file
 from model.engine import Engine
 from model.engine_args import EngineArgs
+from model.int4 import int4_kernel_available
 from model.kv_cache import SequenceChunk
 from model.quantization import (
+    INT4_MEETS_ACCURACY_GOALS,
     INT8_MEETS_ACCURACY_GOALS,
     INT8X2_MEETS_ACCURACY_GOALS,
     Int8Projection,
@@ -118,7 +120,8 @@ def test_resolve_quantization() -> None:
     assert resolve_quantization("int8", cpu, torch.float32) == "int8"
     assert resolve_quantization("int8x2", cpu, torch.float32) == "int8x2"
     assert resolve_quantization("auto", cuda, torch.bfloat16) == "none"
-    auto_cpu = ("int8" if INT8_MEETS_ACCURACY_GOALS
+    auto_cpu = ("int4" if INT4_MEETS_ACCURACY_GOALS and int4_kernel_available()
+                else "int8" if INT8_MEETS_ACCURACY_GOALS
                 else "int8x2" if INT8X2_MEETS_ACCURACY_GOALS else "none")
     assert resolve_quantization("auto", cpu, torch.float32) == auto_cpu
     with pytest.raises(QuantizationError, match="CPU"):

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.quantization import QuantizationError
+
 GROUP_SIZE = 32  # inputs per scale/zero group: GGUF's Q4_1 / Q8_0 block size
 ROW_MULTIPLE = 16  # the packing needs the output dimension in whole tiles of 16 rows
 _INNER_K_TILES = 2  # the packing's inner tile count (CPU kernel: any of 2, 4, 8)
@@ -63,11 +65,15 @@ class Int4Weight:
         return (grouped * self.scale[..., None] + self.zero[..., None]).view(out, in_features)
 
 
+class Int4ShapeError(QuantizationError):
+    """A weight whose shape the int4 kernel cannot take (see :func:`check_groupable`)."""
+
+
 def check_groupable(weight: torch.Tensor, name: str = "weight") -> None:
-    """Raise ValueError unless the weight [out, in] splits into whole groups of inputs and
-    whole tiles of rows."""
+    """Raise Int4ShapeError (a QuantizationError) unless the weight [out, in] splits into whole
+    groups of inputs and whole tiles of rows."""
     if weight.dim() != 2 or weight.shape[1] % GROUP_SIZE or weight.shape[0] % ROW_MULTIPLE:
-        raise ValueError(f"int4 quantization needs a 2-D {name} [out, in] with in a multiple "
+        raise Int4ShapeError(f"int4 quantization needs a 2-D {name} [out, in] with in a multiple "
                          f"of {GROUP_SIZE} and out a multiple of {ROW_MULTIPLE}; got shape "
                          f"{list(weight.shape)}")
 
@@ -163,6 +169,7 @@ class Int4Projection(nn.Module):
                  prompt_rows: PromptRows | None = None) -> None:
         super().__init__()
         planes = [weight] if isinstance(weight, Int4Weight) else list(weight)
+        check_groupable(planes[0].codes)
         out_features, in_features = planes[0].codes.shape
         self.in_features, self.out_features = in_features, out_features
         self.planes = len(planes)

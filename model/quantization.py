@@ -83,12 +83,14 @@ INT8X2_MEETS_ACCURACY_GOALS = True
 INT4_MEETS_ACCURACY_GOALS = True
 
 
-def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) -> Quantization:
+def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype,
+                         allow_int4: bool = True) -> Quantization:
     """'auto' on CPU with fp32 activations is the fastest form that meets the accuracy goals:
     int4 if :data:`INT4_MEETS_ACCURACY_GOALS` and this torch has the CPU int4 kernel, else
     int8 if :data:`INT8_MEETS_ACCURACY_GOALS`, else int8x2 if
     :data:`INT8X2_MEETS_ACCURACY_GOALS`, none otherwise; on CUDA it is none (bf16
-    unquantized).
+    unquantized). ``allow_int4=False``: the same without int4 (a model whose shapes the int4
+    kernel cannot take).
 
     'int8', 'int8x2' and 'int4' are CPU-only and need fp32 activations; anything else is a
     clear error.
@@ -98,7 +100,7 @@ def resolve_quantization(name: str, device: torch.device, dtype: torch.dtype) ->
                                 f", got {name!r}")
     cpu_fp32 = device.type == "cpu" and dtype == torch.float32
     if name == "auto":
-        if cpu_fp32 and INT4_MEETS_ACCURACY_GOALS:
+        if cpu_fp32 and allow_int4 and INT4_MEETS_ACCURACY_GOALS:
             from model.int4 import int4_kernel_available
 
             if int4_kernel_available():

@@ -253,7 +253,8 @@ class Transformer(nn.Module):
                 state[p + norm + ".weight"] = tensors[p + norm + ".weight"]
         for module_name, parts in fused.items():
             if quantization == "int4":
-                if module_name == "lm_head":  # see the int4 branch's docstring note above
+                projection: nn.Module
+                if module_name == "lm_head":  # int8x2: see the docstring
                     projection = Int8Projection(quantize_planes(fp32(parts[0]), 2))
                 else:
                     projection = int4.Int4Projection(int4.concat_rows([

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.int4 import quantize_int4
+from model.int4 import Int4ShapeError, quantize_int4
 from model.quantization import (
     Quantization,
-    QuantizationError,
     is_int4_weight,
     is_quantized_weight,
     quantize_rows,
@@ -200,7 +199,7 @@ def store_tensor(canonical: str, tensor: torch.Tensor, quantization: Quantizatio
         try:
             groups = quantize_int4(tensor)
         except ValueError as exc:
-            raise QuantizationError(f"{canonical}: {exc}") from exc
+            raise Int4ShapeError(f"{canonical}: {exc}") from exc
         tensors[canonical], scales[canonical] = groups.codes, groups.scale
         zeros[canonical] = groups.zero
     else:

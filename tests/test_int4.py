@@ -21,6 +21,8 @@ from model.engine_args import EngineArgs
 from model.int4 import Int4Projection, PromptRows, quantize_int4, quantize_int8_planes
 from model.paged_cache import PagedChunk
 from model.quantization import Int8Projection, QuantizationError, resolve_quantization
+from model.requests import GenerationRequest
+from model.sampling_params import SamplingParams
 from model.transformer import Projection, Transformer, prompt_row_mask
 from model.weights import load_weights
 from tests.checkpoints import make_tiny_gguf, make_tiny_hf_checkpoint
@@ -248,3 +250,27 @@ def test_int4_refused_where_it_cannot_run(checkpoint: Path) -> None:
                                   num_heads=4, num_kv_heads=2, name="odd")
     with pytest.raises(QuantizationError, match="multiple of 32"):
         load_weights(odd, progress=False, quantization="int4")
+
+
+def test_auto_falls_back_from_int4_where_the_shapes_do_not_fit(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    # hidden 80: not a whole number of 32-input groups
+    odd = make_tiny_hf_checkpoint(tmp_path, model_type="mistral", hidden_size=80,
+                                  intermediate_size=160, num_layers=1, num_heads=2,
+                                  num_kv_heads=1)
+    with pytest.raises(int4.Int4ShapeError, match="multiple of 32"):
+        Engine.from_args(EngineArgs(model=str(odd), max_model_len=64, progress=False,
+                                    quantization="int4"))
+    with caplog.at_level("WARNING"):
+        engine = Engine.from_args(EngineArgs(model=str(odd), max_model_len=64, progress=False,
+                                             quantization="auto"))
+    fallback = resolve_quantization("auto", torch.device("cpu"), torch.float32,
+                                    allow_int4=False)
+    assert fallback != "int4" and f"using {fallback}" in caplog.text
+    layer = engine.model.layers[0].qkv_proj
+    assert not isinstance(layer, Int4Projection)
+    assert isinstance(layer, Int8Projection) == (fallback in ("int8", "int8x2"))
+    out = engine.run_to_completion([GenerationRequest("x", (5, 6, 7), SamplingParams(
+        max_tokens=4, temperature=0.0, ignore_eos=True))])
+    assert len(out[0].token_ids) == 4

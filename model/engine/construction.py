@@ -6,6 +6,7 @@ device, which dtype, how many blocks the KV budget holds) is fixed afterwards.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from model.config import ModelConfig
 from model.default_model import default_model_path, model_name_for
 from model.engine.types import EngineRequestError
 from model.engine_args import EngineArgs
+from model.int4 import Int4ShapeError
 from model.omp_threads import release_omp_threads
 from model.paged_cache import (
     DEFAULT_CPU_BLOCK_SIZE,
@@ -22,7 +24,7 @@ from model.paged_cache import (
     PagedGeometry,
     PagedKVCache,
 )
-from model.quantization import resolve_quantization
+from model.quantization import Quantization, resolve_quantization
 from model.scheduler import SchedulerConfig
 from model.tokenizers import Tokenizer, load_tokenizer
 from model.transformer import Transformer
@@ -57,6 +59,8 @@ def default_kv_budget(device: torch.device) -> int:
     return DEFAULT_CPU_KV_BYTES
 
 
+logger = logging.getLogger(__name__)
+
 @dataclass(frozen=True)
 class EngineParts:
     """Everything an engine is built from (what ``EngineCore.__init__`` takes)."""
@@ -69,6 +73,19 @@ class EngineParts:
     model_name: str
 
 
+def _load_model(path: Path, args: EngineArgs, quantization: Quantization,
+                device: torch.device, dtype: torch.dtype) -> Transformer:
+    loaded = load_weights(path, progress=args.progress, quantization=quantization)
+    config: ModelConfig = loaded.config
+    if args.full_attention:
+        config = config.with_window(None)
+    elif args.window is not None:
+        config = config.with_window(args.window)
+    return Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device,
+                                    quantization=quantization, scales=loaded.scales,
+                                    zeros=loaded.zeros, dense_prefill=args.dense_prefill)
+
+
 def build_engine_parts(args: EngineArgs) -> EngineParts:
     """Load weights and tokenizer from ``args.model`` (the embedded model when None) and size
     the KV pool and the scheduler for them."""
@@ -79,16 +96,18 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     quantization = resolve_quantization(args.quantization, device, dtype)
-    loaded = load_weights(path, progress=args.progress, quantization=quantization)
-    config: ModelConfig = loaded.config
-    if args.full_attention:
-        config = config.with_window(None)
-    elif args.window is not None:
-        config = config.with_window(args.window)
-    model = Transformer.from_tensors(config, loaded.tensors, dtype=dtype, device=device,
-                                     quantization=quantization, scales=loaded.scales,
-                                     zeros=loaded.zeros, dense_prefill=args.dense_prefill)
-    del loaded
+    try:
+        model = _load_model(path, args, quantization, device, dtype)
+    except Int4ShapeError as exc:
+        if args.quantization != "auto":
+            raise
+        # auto picked int4, whose kernel needs dims in groups of 32 and tiles of 16 rows:
+        # fall back to the next form that meets the accuracy goals
+        quantization = resolve_quantization("auto", device, dtype, allow_int4=False)
+        logger.warning("quantization auto: int4 does not fit this model (%s); using %s",
+                       exc, quantization)
+        model = _load_model(path, args, quantization, device, dtype)
+    config = model.config
     tokenizer = load_tokenizer(path)
     max_model_len = args.max_model_len or min(config.max_position_embeddings,
                                               DEFAULT_MAX_MODEL_LEN)

@@ -249,6 +249,19 @@ class LoadBoard:
         ``force``: never shed (a request already accepted whose replica died is placed again:
         accepted work is not refused later); only "no healthy replica" remains.
         """
+        decision = self._decide(seqs, force)
+        if isinstance(decision, Accepted):
+            self._sent[request_id] = _Sent(decision.replica_id, seqs, prompt_tokens * seqs)
+        return decision
+
+    def retry_after_s(self, seqs: int = 1) -> int:
+        """The ``Retry-After`` a new request of ``seqs`` sequences would be shed with now; 1 s
+        when it would be admitted (an accepted request that did not start in time is refused
+        with this: the dispatcher's late refusal)."""
+        decision = self._decide(seqs, force=False)
+        return decision.retry_after_s if isinstance(decision, Shed) else 1
+
+    def _decide(self, seqs: int, force: bool) -> Admission:
         candidates = [self.estimate(rid) for rid in self.healthy_ids()]
         if not candidates:
             return NoReplica("no healthy LLM replica is available")
@@ -279,9 +292,7 @@ class LoadBoard:
             return Shed(shed.reason, shed.retry_after_s, shed.predicted_wait_s,
                         f"server overloaded: {shed.message}; retry after "
                         f"{shed.retry_after_s}s")
-        replica_id = best[1].replica_id
-        self._sent[request_id] = _Sent(replica_id, seqs, prompt_tokens * seqs)
-        return Accepted(replica_id, best[0][0])
+        return Accepted(best[1].replica_id, best[0][0])
 
 
 def _usable(rep: _Replica) -> bool:

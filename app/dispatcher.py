@@ -5,6 +5,18 @@
 window closes the whole batch goes to the replica in one ``generate_batch`` call whose event
 stream is demultiplexed into each request's :class:`Ticket`. A background task polls every
 replica's load. ``cancel`` takes a request back from its batch or aborts it on its replica.
+
+Admission predicts the queue wait from rates measured a moment before; when they turn out
+wrong (a neighbour's job halves the drain rate) an accepted request could queue for longer
+than ``max_queue_wait_s``. So each ticket carries ``start_by`` (arrival + max_queue_wait_s):
+the replica gets it as the request's queue deadline (with the client's own ``deadline_s``,
+whichever comes first), its engine drops the request if none of its sequences was scheduled
+by then, and the router answers it 429 with a ``Retry-After`` computed as for a request shed
+on arrival (code ``queue_wait_exceeded``; the ``refused`` outcome) instead of serving it late.
+Nothing of the answer has been sent by then (a stream's headers wait for its first event), so
+the time to first token of an accepted request is bounded by max_queue_wait_s plus about one
+prefill. A streamed request of several prompts is exempt (one prompt's stream may have begun
+before another's is refused), and so is a request placed again after its replica died.
 """
 
 from __future__ import annotations
@@ -48,27 +60,32 @@ class ReplicaClient(Protocol):
 class RequestFailed(Exception):
     """A request ended with an error the client should see with ``status``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code
+        self.headers = headers or {}
 
 
 _END = object()
 
-OUTCOMES = ("completed", "cancelled", "errored", "deadline")
+OUTCOMES = ("completed", "cancelled", "errored", "deadline", "refused")
+LATE_REFUSAL_CODE = "queue_wait_exceeded"  # the 429's error code and the shed metric's reason
 
 
 @dataclass
 class Tally:
     """How the requests this router accepted ended. Invariant (tests/test_app_faults.py):
-    accepted == completed + cancelled + errored + deadline + in flight."""
+    accepted == completed + cancelled + errored + deadline + refused + in flight."""
 
     accepted: int = 0
     completed: int = 0  # every choice finished (stop or length)
     cancelled: int = 0  # its client left (disconnect, stall) before the end
     errored: int = 0  # its replica failed, or a choice ended with ``error``
     deadline: int = 0  # still queued at its own deadline (504)
+    refused: int = 0  # not started within max_queue_wait_s of arrival (429, module docstring)
     replaced: int = 0  # placed again after its replica died before it started (not an end)
 
     def as_dict(self) -> dict[str, int]:
@@ -85,6 +102,8 @@ class Ticket:
     arrival: float
     deadline: float | None
     stream: bool  # False: the replica may merge chunks (see LLMServer / BatchItem)
+    # not started by then: refused with 429 (module docstring); None: never refused late
+    start_by: float | None = None
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     sent: bool = False
     started: bool = False  # an engine event arrived
@@ -121,11 +140,13 @@ class Ticket:
                 raise RequestFailed(504, "the request was still queued at its deadline") from None
             batch: list[GenerationChunk] = []
             while True:
-                if item is _END or isinstance(item, ItemError):
+                if item is _END or isinstance(item, (ItemError, RequestFailed)):
                     if batch:
                         yield batch
                     if isinstance(item, ItemError):
                         raise RequestFailed(item.status, item.message)
+                    if isinstance(item, RequestFailed):
+                        raise item
                     return
                 assert isinstance(item, GenerationChunk)
                 batch.append(item)
@@ -208,11 +229,13 @@ class Dispatcher:
 
     # Requests -------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest, deadline_s: float | None = None,
-                     stream: bool = True) -> Ticket:
+                     stream: bool = True, refuse_late: bool = True) -> Ticket:
         """Admit a request (raising a 429/503 APIError when refused) and queue it for sending.
 
         ``stream=False`` (the client wants one response at the end) lets the replica send the
         request's first chunk and then one merged chunk per choice, not one event per token.
+        ``refuse_late``: refuse it (429) if it has not started within ``max_queue_wait_s``
+        (module docstring).
         """
         arrival = time.monotonic()
         if self.closing:
@@ -232,7 +255,8 @@ class Dispatcher:
         if self._metrics:
             self._metrics.admitted(decision.predicted_wait_s)
         deadline = arrival + deadline_s if deadline_s is not None else None
-        ticket = Ticket(request, decision.replica_id, arrival, deadline, stream)
+        start_by = arrival + self.board.limits.max_queue_wait_s if refuse_late else None
+        ticket = Ticket(request, decision.replica_id, arrival, deadline, stream, start_by)
         self.tally.accepted += 1
         self._tickets[request.request_id] = ticket
         self._batcher.add(decision.replica_id, ticket)
@@ -290,7 +314,8 @@ class Dispatcher:
         items = []
         for t in tickets.values():
             t.sent = True
-            timeout = None if t.deadline is None else max(0.0, t.deadline - now)
+            limits = [at for at in (t.deadline, t.start_by) if at is not None]
+            timeout = max(0.0, min(limits) - now) if limits else None
             items.append(BatchItem(t.request, timeout, t.stream))
         open_ids = set(tickets)
         stream = self._client.generate_batch(replica_id, items)
@@ -347,6 +372,7 @@ class Dispatcher:
         logger.info("request %s moves from %s to %s", ticket.request_id, ticket.replica_id,
                     decision.replica_id)
         ticket.replica_id = decision.replica_id
+        ticket.start_by = None  # it was accepted and lost its replica: never refused now
         ticket.replaced += 1
         self.tally.replaced += 1
         self._batcher.add(decision.replica_id, ticket)
@@ -361,6 +387,9 @@ class Dispatcher:
         ticket = tickets.get(event.request_id)
         if ticket is None or ticket.closed:
             return
+        if isinstance(event, ItemError) and event.status == 504 and _refused_late(ticket):
+            self._refuse_late(ticket)
+            return
         if self._metrics:
             self._record(ticket, event)
         ticket.started = True
@@ -374,6 +403,20 @@ class Dispatcher:
             ticket.seq_tokens.append(event.prompt_tokens + event.completion_tokens)
             if ticket.finished_choices >= ticket.request.params.n:
                 self._close(ticket, "errored" if ticket.failed else "completed")
+
+    def _refuse_late(self, ticket: Ticket) -> None:
+        """The replica dropped a request still queued at its ``start_by``: answer it as a
+        request shed on arrival (429, ``Retry-After`` from the load now), counted ``refused``."""
+        self.board.finished(ticket.request_id)  # the Retry-After estimate leaves it out
+        retry = self.board.retry_after_s(ticket.request.params.n)
+        wait = self.board.limits.max_queue_wait_s
+        ticket.queue.put_nowait(RequestFailed(
+            429, f"server overloaded: the request did not start within {wait:g}s "
+            f"(max_queue_wait_s); retry after {retry}s", code=LATE_REFUSAL_CODE,
+            headers={"Retry-After": str(retry)}))
+        self._close(ticket, "refused")
+        if self._metrics:
+            self._metrics.shed_request(LATE_REFUSAL_CODE)
 
     def _record(self, ticket: Ticket, event: ItemError | GenerationChunk) -> None:
         """Router-side latency figures: first event, first token, last token."""
@@ -401,6 +444,13 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
         await self._batcher.close()
+
+
+def _refused_late(ticket: Ticket) -> bool:
+    """Whether a replica's 504 for this still-queued ticket came from its ``start_by`` (the
+    earlier of the two limits the replica got), not from the client's own deadline."""
+    return (not ticket.started and ticket.start_by is not None
+            and (ticket.deadline is None or ticket.start_by < ticket.deadline))
 
 
 async def _aclose(stream: object) -> None:

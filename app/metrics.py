@@ -34,7 +34,7 @@ STEP_TOKEN_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
                       4096.0, 8192.0)
 WINDOW_RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
 
-SHED_REASONS = ("queue_full", "predicted_wait", "deadline", "no_replica")
+SHED_REASONS = ("queue_full", "predicted_wait", "queue_wait_exceeded", "deadline", "no_replica")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/load")
 OTHER_ROUTE = "other"  # any other path (bounded label values: 404s must not grow series)
@@ -81,7 +81,9 @@ REQUESTS = MetricSpec("ringserve_requests", "counter",
                       "router", "reqps", ("route", "status"))
 SHED = MetricSpec("ringserve_shed_requests", "counter",
                   "Requests refused before they ran, by reason: queue_full and predicted_wait "
-                  "(429), deadline (504, still queued at its deadline), no_replica (503)",
+                  "(429 on arrival), queue_wait_exceeded (429: accepted, but not started within "
+                  "max_queue_wait_s), deadline (504, still queued at its deadline), no_replica "
+                  "(503)",
                   "router", "reqps", ("reason",))
 DEADLINE_EXCEEDED = MetricSpec("ringserve_deadline_exceeded", "counter",
                                "Requests answered 504: still queued at their deadline",

@@ -59,12 +59,16 @@ class Generation:
 
     async def _submit(self, requests: Sequence[GenerationRequest], deadline_s: float | None,
                       stream: bool) -> list[Ticket]:
-        """Admit all prompts of one HTTP request, or none of them."""
+        """Admit all prompts of one HTTP request, or none of them. Each is refused late (429)
+        if it has not started within max_queue_wait_s, unless several prompts share one
+        stream (another's events may have been sent by then: app/dispatcher.py)."""
         deadline = deadline_s if deadline_s is not None else self._default_deadline_s
+        refuse_late = len(requests) == 1 or not stream
         tickets: list[Ticket] = []
         try:
             for request in requests:
-                tickets.append(await self.dispatcher.submit(request, deadline, stream))
+                tickets.append(await self.dispatcher.submit(request, deadline, stream,
+                                                            refuse_late))
         except BaseException:
             for ticket in tickets:
                 self.dispatcher.cancel(ticket)

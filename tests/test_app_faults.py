@@ -426,5 +426,71 @@ def test_request_counters_add_up_through_every_way_a_request_ends(tokenizer: Any
     assert tally["accepted"] == 3 + 2 + 1 + 1
     assert (tally["completed"], tally["cancelled"], tally["errored"], tally["deadline"]) == (
         3 + 1, 1, 1, 1)
+    assert tally["refused"] == 0
     assert tally["accepted"] == sum(tally[k] for k in ("completed", "cancelled", "errored",
-                                                       "deadline"))
+                                                       "deadline", "refused"))
+
+
+# Late refusal ---------------------------------------------------------------------------
+
+
+def test_an_accepted_request_not_started_within_max_queue_wait_is_refused_429(
+        tokenizer: Any) -> None:
+    """One slot, busy with a long stream. Admission predicts a short wait from the engine's
+    rate (the prior 64 tokens a sequence), so the next requests are accepted; they do not start
+    within max_queue_wait_s, so each is answered 429 with Retry-After (a stream too: its
+    headers had not been sent), never served late; one whose own deadline comes first is a
+    504. A streamed request of two prompts is exempt and waits its turn. /load counts every
+    one of them."""
+    client = killable(1, total_slots=1, step_s=0.002, max_model_len=8192)
+    router = make_router(client, tokenizer, max_waiting_per_replica=8, max_queue_wait_s=1.0)
+    engine = client.servers["r0"].engine
+
+    async def main() -> tuple[list[httpx.Response], int, list[dict[str, Any]], dict[str, Any]]:
+        await router.dispatcher.wait_ready(5)
+        transport = httpx.ASGITransport(app=router.http_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            long = asyncio.create_task(stream_events(http, completion(max_tokens=5000)))
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if engine.generated >= 5:
+                    break
+            assert engine.running, "the long stream never started"
+
+            async def streamed(body: dict[str, Any]) -> httpx.Response:
+                async with http.stream("POST", "/v1/completions",
+                                       json={**body, "stream": True}) as r:
+                    await r.aread()
+                    return r
+
+            refused = await asyncio.gather(
+                http.post("/v1/completions", json=completion(max_tokens=2)),
+                streamed(completion(max_tokens=2)),
+                http.post("/v1/completions", json=completion(max_tokens=2, deadline_s=0.3)))
+            assert engine.running, "the long stream ended before the others were refused"
+            two = asyncio.create_task(stream_events(
+                http, completion(prompt=["Hello there", "General Kenobi"], max_tokens=2)))
+            await asyncio.sleep(1.5)  # past its max_queue_wait_s, still queued
+            assert not two.done()
+            long.cancel()  # the long stream's client leaves: the slot frees
+            status, events, _ = await two
+            await asyncio.sleep(0.2)
+            return list(refused), status, events, (await http.get("/load")).json()
+
+    refused, status, events, load = asyncio.run(main())
+    late = refused[:2]
+    for r in late:
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        error = r.json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "queue_wait_exceeded")
+    assert refused[2].status_code == 504, refused[2].text
+    assert status == 200 and len(events) == 2 * 2 and "error" not in events[-1], events
+    started = set(engine.started_requests)
+    assert len(started) == 1 + 2  # the long one and the two prompts: no refused one ran
+    tally = load["requests"]
+    assert (tally["accepted"], tally["refused"], tally["deadline"], tally["cancelled"],
+            tally["completed"]) == (1 + 3 + 2, 2, 1, 1, 2), tally
+    assert tally["accepted"] == sum(tally[k] for k in ("completed", "cancelled", "errored",
+                                                       "deadline", "refused"))
+    assert load["in_flight"] == 0

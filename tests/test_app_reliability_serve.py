@@ -4,8 +4,9 @@ One Serve instance (2 LLM replicas, embedded SmolLM2-135M, CPU) in a private net
 serves the whole module:
 
 1. 3x sustained overload (open loop): every request is answered 200, 429 with a computed
-   Retry-After, or 504 past its own deadline; accepted streams start within max_queue_wait_s
-   plus one prefill; a client that honours Retry-After is served. ``soak`` marker: 60 s.
+   Retry-After (on arrival, or once accepted but not started within max_queue_wait_s), or 504
+   past its own deadline; accepted streams start within max_queue_wait_s plus one prefill; a
+   client that honours Retry-After is served. ``soak`` marker: 60 s.
 2. Steady mixed traffic with cancellations (20 s; ``soak``: 10 min): router and replica RSS
    grow < 5% after warm-up, every slot is free at the end, the router's counters add up
    (accepted = completed + cancelled + errored + deadline) and match what clients saw.
@@ -193,8 +194,11 @@ def _check_overload(serve: ServeInstance, duration_s: float) -> None:
         codes[r.status] = codes.get(r.status, 0) + 1
     accepted = [r for r in results if r.status == 200]
     ttfts = [r.ttft for r in accepted if r.ttft is not None]
+    late = sum(1 for r in results if r.status == 429
+               and r.body["error"]["code"] == "queue_wait_exceeded")
     print(f"\noverload {duration_s:g}s: capacity {capacity:.2f} req/s, offered {rate:.2f} "
-          f"req/s ({len(results)} requests), statuses {codes}, accepted p50/p99 TTFT "
+          f"req/s ({len(results)} requests), statuses {codes} ({late} of the 429s refused "
+          f"late: accepted, not started within {MAX_QUEUE_WAIT_S:g}s), accepted p50/p99 TTFT "
           f"{sorted(ttfts)[len(ttfts) // 2]:.2f}/{p99(ttfts):.2f}s (bound "
           f"{MAX_QUEUE_WAIT_S:g}s + lone TTFT {prefill:.2f}s), Retry-After client: {patient}")
     assert set(codes) <= {200, 429, 504}, codes
@@ -242,7 +246,13 @@ async def _mixed_traffic(base: str, duration_s: float, workers: int, on_warm: An
     """``workers`` closed-loop clients for ``duration_s``, cycling through: a completion, a
     streamed chat, a stream cancelled after 3 events, an n=2 completion, one with a tight
     deadline. ``on_warm()`` runs once a quarter of the time has passed. Client-side counts."""
-    counts = {"ok": 0, "cancelled": 0, "shed": 0, "deadline": 0}
+    counts = {"ok": 0, "cancelled": 0, "shed": 0, "refused": 0, "deadline": 0}
+
+    def refusal(status: int, body: dict[str, Any]) -> str:
+        """A 429 on arrival is "shed"; one after acceptance (not started in time) "refused"."""
+        if status != 429:
+            return "deadline"
+        return "refused" if body["error"]["code"] == "queue_wait_exceeded" else "shed"
     end = time.monotonic() + duration_s
     warm_at = time.monotonic() + duration_s / 4
 
@@ -256,8 +266,8 @@ async def _mixed_traffic(base: str, duration_s: float, workers: int, on_warm: An
                         "ignore_eos": True}
                 async with http.stream("POST", "/v1/completions", json=body) as r:
                     if r.status_code != 200:
-                        counts["shed" if r.status_code == 429 else "deadline"] += 1
                         assert r.status_code in (429, 504), await r.aread()
+                        counts[refusal(r.status_code, json.loads(await r.aread()))] += 1
                         continue
                     seen = 0
                     async for line in r.aiter_lines():
@@ -276,9 +286,10 @@ async def _mixed_traffic(base: str, duration_s: float, workers: int, on_warm: An
                 if kind == 4:
                     body["deadline_s"] = 0.3
                 r = await http.post("/v1/completions", json=body)
-                res = StreamResult(status=r.status_code)
+                res = StreamResult(status=r.status_code,
+                                   body=r.json() if r.status_code != 200 else {})
             assert res.status in (200, 429, 504), res
-            counts[{200: "ok", 429: "shed", 504: "deadline"}[res.status]] += 1
+            counts["ok" if res.status == 200 else refusal(res.status, res.body)] += 1
             if res.status == 429:
                 await asyncio.sleep(1.0)
 
@@ -318,10 +329,11 @@ def _check_steady(serve: ServeInstance, duration_s: float) -> None:
     for r in load["replicas"]:  # every slot free again
         assert r["free_slots"] == r["total_slots"] and r["waiting_sequences"] == 0, r
     assert delta["accepted"] == sum(delta[k] for k in ("completed", "cancelled", "errored",
-                                                       "deadline")), delta
-    assert delta["accepted"] == counts["ok"] + counts["cancelled"] + counts["deadline"], (
-        delta, counts)
+                                                       "deadline", "refused")), delta
+    assert delta["accepted"] == (counts["ok"] + counts["cancelled"] + counts["deadline"]
+                                 + counts["refused"]), (delta, counts)
     assert delta["errored"] == 0 and delta["deadline"] == counts["deadline"], (delta, counts)
+    assert delta["refused"] == counts["refused"], (delta, counts)
     assert counts["ok"] > 0 and counts["cancelled"] > 0
     for name, g in growth.items():
         assert g < 0.05, (name, warm[name], end[name])

@@ -143,12 +143,14 @@ def test_router_labels_stay_bounded_and_504_is_a_deadline_shed(recorded) -> None
     router.shed_request("queue_wait")
     router.shed_request("queue_full")
     router.shed_request("no_replica")
+    router.shed_request("queue_wait_exceeded")  # accepted, not started in time: 429 late
     routes = [(c[2]["route"], c[2]["status"]) for c in calls(recorded, metrics.REQUESTS)]
     assert routes == [("/v1/completions", "200"), ("other", "404"),
                       ("/v1/chat/completions", "504")]
     assert len(calls(recorded, metrics.DEADLINE_EXCEEDED)) == 1
     reasons = [c[2]["reason"] for c in calls(recorded, metrics.SHED)]
-    assert reasons == ["deadline", "predicted_wait", "queue_full", "no_replica"]
+    assert reasons == ["deadline", "predicted_wait", "queue_full", "no_replica",
+                       "queue_wait_exceeded"]
     assert set(reasons) == set(metrics.SHED_REASONS)
 
 

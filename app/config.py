@@ -136,7 +136,8 @@ class AppConfig(BaseModel):
     )
     max_queue_wait_s: float = Field(
         60.0, gt=0, description="Shed (429) when a request's predicted queue wait exceeds this "
-        "(60 s queues a closed-loop client at concurrency 16 on a 2-core box; see README)."
+        "(60 s queues a closed-loop client at concurrency 16 on a 2-core box; see README); an "
+        "accepted request not started this long after arrival is refused (429) then."
     )
     max_waiting_per_replica: int | None = Field(
         None, ge=0, description="Shed (429) when every replica has this many queued sequences; "

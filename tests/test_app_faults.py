@@ -406,7 +406,12 @@ def test_request_counters_add_up_through_every_way_a_request_ends(tokenizer: Any
             assert all(r.status_code == 200 for r in done)
             long = [asyncio.create_task(stream_events(http, completion(max_tokens=100)))
                     for _ in range(2)]  # one per replica, both slots busy
-            await asyncio.sleep(0.3)
+            engines = [server.engine for server in client.servers.values()]
+            for _ in range(300):  # (a fixed sleep was too short on a loaded box)
+                await asyncio.sleep(0.01)
+                if all(e.running for e in engines):
+                    break
+            assert all(e.running for e in engines), "the long streams did not fill both slots"
             late = await http.post("/v1/completions",
                                    json=completion(max_tokens=2, deadline_s=0.1))
             assert late.status_code == 504, late.text

@@ -212,11 +212,12 @@ def _check_overload(serve: ServeInstance, duration_s: float) -> None:
         if r.status == 504:
             assert r.body["error"]["code"] is not None or r.body["error"]["message"], r.body
     assert len(ttfts) == len(accepted)
-    # The admission promise is max_queue_wait_s + one prefill; the queue-wait prediction uses
-    # rates measured a moment before, and on a shared 2-core box they swing by half when a
-    # neighbour's job starts: measured p99 ran 0.5-1.6 s over (README, Reliability). The
-    # test allows one more max_queue_wait_s, and fails on anything like an unbounded queue.
-    assert p99(ttfts) <= 2 * MAX_QUEUE_WAIT_S + prefill, sorted(ttfts)[-5:]
+    # The admission promise is max_queue_wait_s + one prefill: a request not started by then
+    # is refused (429 queue_wait_exceeded), however wrong the wait prediction was. One that
+    # starts just before that waits for the engine step in progress, then its own prefill in a
+    # full batch, slower than the lone one on a loaded box: measured p99 ran 0.1-0.3 s over
+    # (README, Reliability; 0.5-1.6 s before late refusals). The test allows 1 s for that.
+    assert p99(ttfts) <= MAX_QUEUE_WAIT_S + 1.0 + prefill, sorted(ttfts)[-5:]
     assert patient[-1] == 200, patient
     health = httpx.get(f"{serve.base}/health", timeout=10)
     assert health.status_code == 200 and health.json()["healthy_replicas"] == REPLICAS

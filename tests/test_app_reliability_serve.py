@@ -8,8 +8,9 @@ serves the whole module:
    past its own deadline; accepted streams start within max_queue_wait_s plus one prefill; a
    client that honours Retry-After is served. ``soak`` marker: 60 s.
 2. Steady mixed traffic with cancellations (20 s; ``soak``: 10 min): router and replica RSS
-   grow < 5% after warm-up, every slot is free at the end, the router's counters add up
-   (accepted = completed + cancelled + errored + deadline) and match what clients saw.
+   grow < 5% after warm-up, every slot and cache block is free at the end, the router's
+   counters add up (accepted = completed + cancelled + errored + deadline + refused) and match
+   what clients saw.
    A client that stops reading is disconnected after stream_stall_timeout_s, its slot freed.
 
 Killing replicas and the router: tests/test_app_faults_serve.py (an instance of its own).
@@ -327,8 +328,9 @@ def _check_steady(serve: ServeInstance, duration_s: float) -> None:
     print(f"\nsteady {duration_s:g}s: clients saw {counts}; router counted {delta}; RSS after "
           f"warm-up {warm} kB, at the end {end} kB, growth "
           f"{ {k: f'{100 * v:+.2f}%' for k, v in growth.items()} }")
-    for r in load["replicas"]:  # every slot free again
+    for r in load["replicas"]:  # every slot and every KV cache block free again
         assert r["free_slots"] == r["total_slots"] and r["waiting_sequences"] == 0, r
+        assert r["used_blocks"] == 0, r
     assert delta["accepted"] == sum(delta[k] for k in ("completed", "cancelled", "errored",
                                                        "deadline", "refused")), delta
     assert delta["accepted"] == (counts["ok"] + counts["cancelled"] + counts["deadline"]

@@ -63,9 +63,9 @@ dashboards: setup
 
 # lint first (ruff, then mypy: both target Python 3.10, see pyproject.toml), then every test,
 # the `soak` ones included: `-m "$(TEST_MARKS)"` replaces pytest's addopts (-m 'not soak', so
-# a bare `pytest` stays quick). They add ~12 minutes (measured: `make soak` took 12.8 min on
-# the 2-core box, the rest of the suite ~10.5), well inside CI's ~40 minute budget; CI runs
-# this target. `make test TEST_MARKS='not soak'` leaves them out.
+# a bare `pytest` stays quick). They add ~11 minutes (measured on the 2-core box: 11.2 min of
+# a 31-minute `make test` at load average ~5; README, Reliability), inside CI's ~40 minute
+# budget; CI runs this target. `make test TEST_MARKS='not soak'` leaves them out.
 TEST_MARKS ?=
 test: lint
 	$(PY) -m pytest -q -m "$(TEST_MARKS)" $(PYTEST_ARGS)

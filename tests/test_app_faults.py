@@ -404,6 +404,9 @@ def test_request_counters_add_up_through_every_way_a_request_ends(tokenizer: Any
             done = [await http.post("/v1/completions", json=completion(max_tokens=2))
                     for _ in range(3)]
             assert all(r.status_code == 200 for r in done)
+            # fresh reports: one polled while the last request ran would still show it running
+            # and tie the two replicas, so both long streams could queue on one of them
+            await router.dispatcher.poll()
             long = [asyncio.create_task(stream_events(http, completion(max_tokens=100)))
                     for _ in range(2)]  # one per replica, both slots busy
             engines = [server.engine for server in client.servers.values()]

@@ -215,9 +215,8 @@ class Transformer(nn.Module):
         int8x2 (:class:`~model.quantization.Int8Projection`, two int8 planes, fp32 output):
         the int4 kernel's bf16 logits moved greedy near-ties (15 of 20 continuations as fp32's,
         17 of 20 with this head, bench/quant_accuracy_bench.py), at ~0.6 ms more per batch-1
-        step and less at batch 16. ``dense_prefill`` (int4 only) gives
-        every decoder projection a bf16 dense copy for prompt tokens (see
-        :class:`~model.int4.Int4Projection`); the LM head stays int4.
+        step and less at batch 16. ``dense_prefill`` (int4 only) gives every decoder
+        projection a bf16 dense copy for prompt tokens (see :class:`~model.int4.Int4Projection`).
         """
         scales, zeros = scales or {}, zeros or {}
         planes = INT8_PLANES.get(quantization, 0)
@@ -261,7 +260,6 @@ class Transformer(nn.Module):
                         int4.Int4Weight(tensors[n], scales[n], zeros[n]) if n in zeros
                         else int4.quantize_int4(fp32(n)) for n in parts]),
                         dense=dense_prefill, prompt_rows=model.prompt_rows)
-                model.prompt_rows.wanted = dense_prefill
                 model.set_submodule(module_name, projection)
             elif planes:
                 per_part = [int8(n) for n in parts]  # [part][plane]
@@ -275,6 +273,7 @@ class Transformer(nn.Module):
                  for name, t in state.items()}
         model.load_state_dict(state, assign=True)
         model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, device=device)
+        model.prompt_rows.wanted = quantization == "int4" and dense_prefill
         model.eval()
         return model
 
@@ -283,12 +282,10 @@ class Transformer(nn.Module):
         run, as the scheduler's decode-first order makes them)."""
         split = self.prompt_rows
         split.rows = split.rest = None
-        if not split.wanted or all(
-                c.num_tokens == 1 and c.start_pos >= (1 if c.prompt_len is None else c.prompt_len)
-                for c in chunks):
-            return  # no dense copies, or a plain decode step: no per-row work
+        if not split.wanted:
+            return
         mask = prompt_row_mask(chunks)
-        if not any(mask):
+        if not any(mask):  # a decode step
             return
         if all(mask):
             split.rows = slice(None)

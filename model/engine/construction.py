@@ -30,6 +30,8 @@ from model.tokenizers import Tokenizer, load_tokenizer
 from model.transformer import Transformer
 from model.weights import load_weights
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_CPU_KV_BYTES = 2 * 1024**3
 DEFAULT_MAX_MODEL_LEN = 4096
 
@@ -58,8 +60,6 @@ def default_kv_budget(device: torch.device) -> int:
         return int(free * 0.9)
     return DEFAULT_CPU_KV_BYTES
 
-
-logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineParts:

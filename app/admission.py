@@ -2,7 +2,9 @@
 
 The router keeps a :class:`LoadBoard`: the latest load each replica reported (an
 :class:`~app.load.ReplicaLoad`, polled every ``stats_interval_s``) plus the requests this router
-sent it since that poll, which the report cannot contain yet: together a
+sent it since that poll, which the report cannot contain yet, less the requests the router has
+seen end since that poll, which the report still counts (else two requests arriving together
+would both go to a replica that has just finished one while another stands idle): together a
 :class:`~app.load.LoadEstimate`. From that estimate it predicts how long a new request would
 queue before it can start. Only work queued ahead that cannot run yet counts: a request the
 replica can take now (room for it after everything queued ahead of it) has no queue wait::
@@ -108,6 +110,19 @@ class _Sent:
     seqs: int
     prompt_tokens: int  # for all n sequences
     sent_at: float | None = None  # None while still in the router's batch window
+    started_at: float | None = None  # its first event reached the router (it was scheduled)
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """A request that ended after the replica's latest report was polled: the report still
+    counts its sequences, running or waiting, though the replica has let them go."""
+
+    ended_at: float
+    seqs: int
+    running: bool  # it had started before that poll, so the report counts it running
+    prompt_tokens: int  # for all its sequences
+    seq_tokens: tuple[int, ...]  # each sequence's prompt + output tokens, where known
 
 
 @dataclass
@@ -115,6 +130,7 @@ class _Replica:
     report: ReplicaLoad | None = None
     polled_at: float = -math.inf  # when the poll that produced `report` was sent
     unreachable: bool = False
+    ended: list[_Ended] = field(default_factory=list)  # since `report` was polled
 
 
 @dataclass
@@ -152,6 +168,8 @@ class LoadBoard:
         if polled_at < rep.polled_at:
             return  # an older answer overtaken by a newer one
         rep.report, rep.polled_at, rep.unreachable = load, polled_at, False
+        # a request that ended before this poll was sent is no longer in this report
+        rep.ended = [e for e in rep.ended if e.ended_at >= polled_at]
 
     def unreachable(self, replica_id: str) -> None:
         """A poll failed or timed out: route nothing there until it answers again."""
@@ -182,10 +200,30 @@ class LoadBoard:
         if request_id in self._sent:
             self._sent[request_id].replica_id = replica_id
 
-    def finished(self, request_id: str, seq_tokens: Iterable[int] = ()) -> None:
-        """A request ended (any way); record its sequences' total tokens for ``seq_tokens``."""
-        self._sent.pop(request_id, None)
-        for total in seq_tokens:
+    def started(self, request_id: str, now: float) -> None:
+        """The request's first event reached the router: the replica has scheduled it."""
+        sent = self._sent.get(request_id)
+        if sent is not None and sent.started_at is None:
+            sent.started_at = now
+
+    def finished(self, request_id: str, seq_tokens: Iterable[int] = (),
+                 now: float | None = None) -> None:
+        """A request ended (any way); record its sequences' total tokens for ``seq_tokens``.
+
+        If the replica's latest report was polled after the request was sent, that report
+        still counts it: it is remembered as ended until a report polled after now arrives,
+        and the estimate leaves it out (else two requests arriving together could both
+        go to the replica that just finished one while another stands idle).
+        """
+        totals = tuple(seq_tokens)
+        sent = self._sent.pop(request_id, None)
+        rep = self._replicas.get(sent.replica_id) if sent is not None else None
+        if (sent is not None and rep is not None and sent.sent_at is not None
+                and sent.sent_at < rep.polled_at):
+            running = sent.started_at is not None and sent.started_at < rep.polled_at
+            rep.ended.append(_Ended(time.monotonic() if now is None else now, sent.seqs,
+                                    running, sent.prompt_tokens, totals))
+        for total in totals:
             if total > 0:
                 self._seq_tokens = (float(total) if self._seq_tokens is None
                                     else 0.8 * self._seq_tokens + 0.2 * total)
@@ -205,8 +243,17 @@ class LoadBoard:
         measured = stats.tokens_per_s if stats is not None else 0.0
         rate = measured if measured > 0 else self.limits.default_tokens_per_s
         prefill = stats.prefill_tokens_per_s if stats is not None else 0.0
+        ended_running = [e for e in rep.ended if e.running]
+        ended_waiting = [e for e in rep.ended if not e.running]
+        held: list[int] = []  # tokens each ended running sequence held in the cache
+        for e in ended_running:  # its prompt share where it ended without a final count
+            known = list(e.seq_tokens[:e.seqs])
+            held += known + [e.prompt_tokens // max(1, e.seqs)] * (e.seqs - len(known))
         return LoadEstimate(replica_id, stats, seqs, tokens, rate,
-                            prefill if prefill > 0 else rate)
+                            prefill if prefill > 0 else rate,
+                            ended_running_tokens=tuple(held),
+                            ended_waiting_sequences=sum(e.seqs for e in ended_waiting),
+                            ended_waiting_tokens=sum(e.prompt_tokens for e in ended_waiting))
 
     def room(self, est: LoadEstimate, seqs: int = 1) -> Room:
         """The one place admission reads a replica's capacity, ``seqs`` more sequences

@@ -392,6 +392,8 @@ class Dispatcher:
             return
         if self._metrics:
             self._record(ticket, event)
+        if not ticket.started:
+            self.board.started(ticket.request_id, time.monotonic())
         ticket.started = True
         ticket.queue.put_nowait(event)
         if isinstance(event, ItemError):

@@ -3,13 +3,14 @@
 One record, one name per figure. The engine's :class:`~model.requests.EngineStats` reaches the
 router unchanged inside the replica's :class:`ReplicaLoad`; the replica's metrics are set from
 that same record. The router's :class:`LoadEstimate` keeps the latest report as it came and
-adds only what the report cannot contain yet, the work this router sent the replica since,
-under the report's own names; ``/load`` shows the estimate by those names
-(:func:`load_view`).
+corrects it only for what the report cannot know yet: the work this router sent the replica
+since (added) and the requests the router saw end since (left out), under the report's own
+names; ``/load`` shows the estimate by those names (:func:`load_view`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from model.requests import EngineStats
@@ -31,7 +32,8 @@ class ReplicaLoad:
 @dataclass(frozen=True)
 class LoadEstimate:
     """A replica's load as the router believes it now: the latest report plus the sequences
-    this router has sent it (or is batching for it) since, which that report cannot contain.
+    this router has sent it (or is batching for it) since, which that report cannot contain,
+    less the sequences it counts that the router has seen end since.
 
     The figures admission reads carry the engine's names; before the first report the
     replica's own figures count as zero.
@@ -43,24 +45,38 @@ class LoadEstimate:
     unreported_tokens: int  # their prompt tokens
     tokens_per_s: float  # the report's measured rate, or the prior until one is measured
     prefill_tokens_per_s: float  # the measured prefill rate, or tokens_per_s until measured
+    # Sequences the report counts that have ended since it was polled (the router saw them
+    # end): running ones by the tokens each held in the cache, waiting ones with their prompts.
+    ended_running_tokens: tuple[int, ...] = ()
+    ended_waiting_sequences: int = 0
+    ended_waiting_tokens: int = 0
+
+    @property
+    def ended_sequences(self) -> int:
+        """Sequences the report counts that the figures below leave out (ended since)."""
+        return len(self.ended_running_tokens) + self.ended_waiting_sequences
 
     @property
     def waiting_sequences(self) -> int:
         reported = self.stats.waiting_sequences if self.stats is not None else 0
-        return reported + self.unreported_sequences
+        return max(0, reported - self.ended_waiting_sequences) + self.unreported_sequences
 
     @property
     def waiting_tokens(self) -> int:
         reported = self.stats.waiting_tokens if self.stats is not None else 0
-        return reported + self.unreported_tokens
+        return max(0, reported - self.ended_waiting_tokens) + self.unreported_tokens
 
     @property
     def running_sequences(self) -> int:
-        return self.stats.running_sequences if self.stats is not None else 0
+        reported = self.stats.running_sequences if self.stats is not None else 0
+        return max(0, reported - len(self.ended_running_tokens))
 
     @property
     def free_slots(self) -> int:
-        return self.stats.free_slots if self.stats is not None else 0
+        if self.stats is None:
+            return 0
+        freed = self.stats.running_sequences - self.running_sequences
+        return min(self.stats.total_slots, self.stats.free_slots + freed)
 
     @property
     def total_slots(self) -> int:
@@ -69,7 +85,18 @@ class LoadEstimate:
     # The paged KV cache: 0 total blocks means the replica reported none (slots alone count)
     @property
     def free_blocks(self) -> int:
-        return self.stats.free_blocks if self.stats is not None else 0
+        """Reported free blocks plus those the ended running sequences held (their tokens
+        over the block size, at most ``blocks_per_sequence_max`` each)."""
+        if self.stats is None:
+            return 0
+        freed = 0
+        if self.block_size > 0:
+            for tokens in self.ended_running_tokens[:self.stats.running_sequences]:
+                blocks = math.ceil(max(1, tokens) / self.block_size)
+                if self.blocks_per_sequence_max > 0:
+                    blocks = min(blocks, self.blocks_per_sequence_max)
+                freed += blocks
+        return min(self.stats.total_blocks, self.stats.free_blocks + freed)
 
     @property
     def total_blocks(self) -> int:

@@ -154,7 +154,8 @@ class Router:
         for rid in board.replica_ids:
             est = board.estimate(rid)
             replicas.append({"replica_id": rid, "healthy": rid in healthy, **load_view(est),
-                             "predicted_wait_s": board.predicted_wait(est)})
+                             "predicted_wait_s": board.predicted_wait(est),
+                             "ended_since_report": est.ended_sequences})
         return JSONResponse({"replicas": replicas, "in_flight": self.dispatcher.in_flight(),
                              "requests": self.dispatcher.tally.as_dict()})
 

@@ -151,6 +151,58 @@ def test_finished_requests_update_sequence_length_and_in_flight() -> None:
     assert b.in_flight("a") == 0 and b.seq_tokens == 40
 
 
+def test_request_ended_since_the_report_is_left_out_until_a_newer_report() -> None:
+    """The race the correction closes: the report still shows a finished request running,
+    so two arrivals tied onto that replica while the other stood idle."""
+    b = board(snap("a", slots=1), snap("b", slots=1))
+    b.admit("lone", prompt_tokens=5)
+    b.sent(["lone"], now=1.0)
+    b.started("lone", now=1.2)
+    b.report(snap("a", running=1, slots=1), polled_at=1.5)  # polled while it ran
+    b.report(snap("b", slots=1), polled_at=1.5)
+    b.finished("lone", [21], now=2.0)
+    est = b.estimate("a")
+    assert est.running_sequences == 0 and est.free_slots == 1 and est.ended_sequences == 1
+    pair = [b.admit(f"r{i}", prompt_tokens=5) for i in range(2)]  # arriving together
+    assert all(isinstance(d, Accepted) and d.predicted_wait_s == 0.0 for d in pair), pair
+    assert {d.replica_id for d in pair if isinstance(d, Accepted)} == {"a", "b"}
+    # a report polled before the end still counts it: the correction stays
+    b.report(snap("a", running=1, slots=1), polled_at=1.9)
+    assert b.estimate("a").ended_sequences == 1
+    # one polled after the end no longer contains it: the report stands alone again
+    b.report(snap("a", running=1, slots=1), polled_at=2.1)
+    est = b.estimate("a")
+    assert est.ended_sequences == 0 and est.running_sequences == 1 and est.free_slots == 0
+
+
+def test_ended_request_still_queued_at_the_poll_leaves_the_waiting_figures() -> None:
+    b = board(snap("a", running=4))
+    b.admit("q", prompt_tokens=30)
+    b.sent(["q"], now=1.0)
+    b.report(snap("a", running=4, waiting=1, tokens=30), polled_at=1.5)
+    b.started("q", now=1.8)  # scheduled after the poll: the report has it waiting
+    b.finished("q", [], now=2.0)  # e.g. cancelled
+    est = b.estimate("a")
+    assert est.waiting_sequences == 0 and est.waiting_tokens == 0
+    assert est.running_sequences == 4 and est.free_slots == 0
+    # a request sent after the latest poll was never in a report: nothing to leave out
+    b.admit("late", prompt_tokens=5)
+    b.sent(["late"], now=2.5)
+    b.finished("late", [9], now=2.6)
+    assert b.estimate("a").ended_sequences == 1
+
+
+def test_ended_running_sequences_free_the_blocks_they_held() -> None:
+    b = board(blocks_snap("a", free_blocks=10, free_slots=30))  # 2 running
+    b.admit("r", prompt_tokens=40)
+    b.sent(["r"], now=1.0)
+    b.started("r", now=1.1)
+    b.report(blocks_snap("a", free_blocks=5, free_slots=29), polled_at=1.5)
+    b.finished("r", [70], now=2.0)  # 70 tokens in blocks of 16: 5 blocks
+    est = b.estimate("a")
+    assert est.free_blocks == 10 and est.free_slots == 30 and est.running_sequences == 2
+
+
 def test_microbatcher_groups_by_window_and_replica() -> None:
     sent: list[tuple[str, list[int]]] = []
 

@@ -199,7 +199,8 @@ def test_killing_the_router_replica_aborts_its_streams_then_new_requests_succeed
     recovered = time.monotonic() - killed
     while True:  # the new router's view: the orphaned sequence is gone from its replica
         load = httpx.get(f"{serve.base}/load", timeout=10).json()["replicas"]
-        if load and all(r["running_sequences"] == 0 for r in load if r["healthy"]):
+        if load and all(r["running_sequences"] == 0 and r["ended_since_report"] == 0
+                        for r in load if r["healthy"]):
             break
         assert time.monotonic() - killed < 300, load
         time.sleep(0.5)

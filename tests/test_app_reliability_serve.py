@@ -147,7 +147,8 @@ async def _capacity(base: str, max_tokens: int) -> tuple[float, float]:
         began = time.monotonic()
         full = await asyncio.gather(*(stream_completion(http, max_tokens)
                                       for _ in range(SLOTS * REPLICAS)))
-        assert all(r.status == 200 and r.done for r in full)
+        assert all(r.status == 200 and r.done for r in full), \
+            [(r.status, r.replica, r.body, r.error) for r in full if r.status != 200 or not r.done]
         return len(full) / (time.monotonic() - began), lone.ttft
 
 
@@ -318,7 +319,8 @@ def _check_steady(serve: ServeInstance, duration_s: float) -> None:
     began = time.monotonic()
     while True:  # the cancelled streams' aborts land within moments
         load = httpx.get(f"{serve.base}/load", timeout=10).json()
-        if load["in_flight"] == 0 and all(r["running_sequences"] == 0 for r in load["replicas"]):
+        if load["in_flight"] == 0 and all(r["running_sequences"] == 0 and r["ended_since_report"]
+                                          == 0 for r in load["replicas"]):
             break
         assert time.monotonic() - began < 30, load
         time.sleep(0.2)
@@ -380,7 +382,7 @@ def test_a_stalled_client_is_disconnected_and_its_slot_freed(serve: ServeInstanc
         began = time.monotonic()
         running = 0
         while True:  # the client reads nothing more
-            running = sum(r["running_sequences"] for r in httpx.get(
+            running = sum(r["running_sequences"] + r["ended_since_report"] for r in httpx.get(
                 f"{serve.base}/load", timeout=10).json()["replicas"])
             if running == 0:
                 break

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from app.serve_cli import add_serve_parser, serve
 from dashboards.cli import add_dashboards_parser
 from dashboards.cli import run as dashboards
-from model.engine_args import DEFAULT_QUANTIZATION
+from model.engine_args import SERVING_QUANTIZATION
 
 EXIT_USER_ERROR = 2
 
@@ -73,7 +73,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quantization", choices=("none", "int8", "int8x2", "int4", "auto"),
-                   default=DEFAULT_QUANTIZATION,
+                   default=SERVING_QUANTIZATION,
                    help="int8: projections and LM head as int8 (CPU); int8x2: as two int8 "
                         "planes each (~15-bit weights, CPU); int4: projections as 4-bit "
                         "groups, bf16 activations, LM head int8x2 (CPU; a GGUF Q4_1 file's "

@@ -17,7 +17,7 @@ from app.edge import (
     EdgeLimits,
 )
 from app.llm_server import DEFAULT_ORPHAN_TIMEOUT_S
-from model.engine_args import DEFAULT_QUANTIZATION, EngineArgs
+from model.engine_args import SERVING_QUANTIZATION, EngineArgs
 
 
 def available_cpus() -> int:
@@ -67,7 +67,7 @@ class AppConfig(BaseModel):
         "auto", description="Engine device; auto picks CUDA when the replica has a GPU."
     )
     quantization: Literal["none", "int8", "int8x2", "int4", "auto"] = Field(
-        DEFAULT_QUANTIZATION, description="int8: projections and LM head as int8 (CPU, fbgemm); "
+        SERVING_QUANTIZATION, description="int8: projections and LM head as int8 (CPU, fbgemm); "
         "int8x2: as two int8 planes each (~15-bit weights, CPU, fbgemm); int4: projections as "
         "4-bit groups of 32 (CPU with AVX-512 BF16 speed, bf16 activations; a GGUF Q4_1 "
         "file's own weights exactly), the LM head int8x2; auto: on CPU the fastest form that "

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-# none | int8 | int8x2 | int4 | auto (see EngineArgs.quantization); the CLI, AppConfig and
-# EngineArgs share it
+# none | int8 | int8x2 | int4 | auto (see EngineArgs.quantization). The library default is
+# the checkpoint's own weights; what serves (`ringserve serve`, AppConfig, `ringserve
+# generate`) defaults to auto: on CPU int4 since it meets the accuracy goals (2026-12-02)
 DEFAULT_QUANTIZATION: Final = "none"
+SERVING_QUANTIZATION: Final = "auto"
 
 
 @dataclass(frozen=True)

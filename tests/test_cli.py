@@ -35,7 +35,7 @@ def test_generate_json_equals_transformers_greedy(tmp_path: Path) -> None:
 
     folder = make_tiny_hf_checkpoint(tmp_path, model_type="mistral", sliding_window=8)
     result = ringserve("generate", "--model", str(folder), "--prompt", "Hello there",
-                       "--max-tokens", "12", "--json", "--quiet")
+                       "--max-tokens", "12", "--json", "--quiet", "--quantization", "none")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     tokenizer = load_tokenizer(folder)

@@ -212,7 +212,9 @@ def test_quantization_knob_reaches_the_engine_from_cli_and_config(checkpoint: Pa
     from app.config import AppConfig
 
     assert AppConfig(quantization="int8").engine_args().quantization == "int8"
-    assert AppConfig().engine_args().quantization == EngineArgs().quantization
+    # serving defaults to auto (int4 on CPU); the library keeps the checkpoint's weights
+    assert AppConfig().engine_args().quantization == "auto"
+    assert EngineArgs().quantization == "none"
     with pytest.raises(ValidationError):
         AppConfig(quantization="int3")
 

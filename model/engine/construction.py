@@ -107,6 +107,8 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
         logger.warning("quantization auto: int4 does not fit this model (%s); using %s",
                        exc, quantization)
         model = _load_model(path, args, quantization, device, dtype)
+    if args.quantization == "auto":
+        logger.info("quantization auto: %s weights on %s", quantization, device.type)
     config = model.config
     tokenizer = load_tokenizer(path)
     max_model_len = args.max_model_len or min(config.max_position_embeddings,

@@ -6,19 +6,12 @@ of ``torch.ops.aten._weight_int4pack_mm_for_cpu``). The codes are packed by
 ``_convert_weight_to_int4pack_for_cpu``; the matmul takes bf16 activations and returns bf16
 (its AVX-512 BF16 path; with fp32 or fp16 activations the same op is ~25x slower here).
 
-Two forms, chosen per weight:
-
-* :func:`quantize_int4` — asymmetric 4 bits per group (``s = (max - min) / 15``, ``z = min +
-  8 s``): the form of GGUF's ``Q4_1`` (groups of 32, ``w = d q + m``), which it reproduces
-  exactly from the dequantized values, since Q4_1 maps each group's min to code 0 and its max
-  to code 15. The projections use it.
-* :func:`quantize_int8_planes` — symmetric 8 bits per group (``d = max|w| / 127``, GGUF's
-  ``Q8_0``, reproduced exactly) written as two int4 planes: the code ``u = round(w / d) + 128``
-  splits into nibbles ``u = 16 hi + lo``, plane one ``(hi - 8) * 16d``, plane two ``(lo - 8) *
-  d + 8d``, whose sum is ``d (u - 128)``: both planes run as one kernel call over ``2 * out``
-  rows, summed after. The model's LM head used it until its bf16 logits proved the main
-  source of greedy flips; the head is now int8x2 (model/transformer.py), and this form stays
-  for Q8_0 weights that must run at int4 speed.
+The form, :func:`quantize_int4`, is asymmetric 4 bits per group (``s = (max - min) / 15``,
+``z = min + 8 s``): the form of GGUF's ``Q4_1`` (groups of 32, ``w = d q + m``), which it
+reproduces exactly from the dequantized values, since Q4_1 maps each group's min to code 0
+and its max to code 15. The decoder projections use it. The model's LM head is int8x2
+instead (model/transformer.py): it first ran here as two int4 planes of a Q8_0 code, and its
+bf16 logits proved the main source of greedy flips.
 
 The kernel rounds its inputs and outputs to bf16 (8-bit mantissas), the scales and zeros too;
 the residual stream, norms, attention and the KV cache stay fp32. Prompt tokens can take a
@@ -46,7 +39,6 @@ GROUP_SIZE = 32  # inputs per scale/zero group: GGUF's Q4_1 / Q8_0 block size
 ROW_MULTIPLE = 16  # the packing needs the output dimension in whole tiles of 16 rows
 _INNER_K_TILES = 2  # the packing's inner tile count (CPU kernel: any of 2, 4, 8)
 INT4_LEVELS = 15
-INT8_MAX = 127
 
 
 @dataclass(frozen=True)
@@ -96,31 +88,8 @@ def quantize_int4(weight: torch.Tensor) -> Int4Weight:
                       scale.contiguous(), (low + 8 * scale).contiguous())
 
 
-def quantize_int8_planes(weight: torch.Tensor) -> tuple[Int4Weight, Int4Weight]:
-    """Symmetric 8-bit groups (d = max|w| / 127) as two int4 planes whose sum is d * q."""
-    groups = _groups(weight)
-    absmax = groups.abs().amax(dim=2)
-    d = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
-    q = torch.round(groups / d[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int32) + 128
-    high, low = (q >> 4).to(torch.uint8), (q & 15).to(torch.uint8)
-    shape = weight.shape
-    return (Int4Weight(high.reshape(shape).contiguous(), (16 * d).contiguous(),
-                       torch.zeros_like(d)),
-            Int4Weight(low.reshape(shape).contiguous(), d.contiguous(), (8 * d).contiguous()))
-
-
-def reproduces(quantized: Int4Weight | Sequence[Int4Weight], weight: torch.Tensor) -> bool:
-    """Whether the quantized planes stand for ``weight`` exactly (up to fp32 rounding)."""
-    planes = [quantized] if isinstance(quantized, Int4Weight) else list(quantized)
-    total = planes[0].dequantize()
-    for plane in planes[1:]:
-        total += plane.dequantize()
-    scale = float(weight.abs().max()) or 1.0
-    return bool((total - weight).abs().max() <= 1e-6 * scale)
-
-
 def concat_rows(parts: Sequence[Int4Weight]) -> Int4Weight:
-    """Fuse int4 weights along the output dimension (q/k/v, gate/up, or planes)."""
+    """Fuse int4 weights along the output dimension (q/k/v, gate/up)."""
     return Int4Weight(torch.cat([p.codes for p in parts]).contiguous(),
                       torch.cat([p.scale for p in parts]).contiguous(),
                       torch.cat([p.zero for p in parts]).contiguous())
@@ -154,10 +123,9 @@ class PromptRows:
 
 
 class Int4Projection(nn.Module):
-    """``x @ W_t`` with W as packed int4 (one or more planes summed); x and the result fp32.
+    """``x @ W_t`` with W as packed int4; x and the result fp32.
 
-    x is rounded to bf16 for the kernel and its bf16 result widened to fp32; several planes
-    run as one call over their stacked rows.
+    x is rounded to bf16 for the kernel and its bf16 result widened to fp32.
 
     With ``dense=True`` the projection also keeps W as a bf16 matrix [in, out] and runs the
     rows ``prompt_rows`` names through it (bf16 GEMM, 2-3x the int4 kernel's speed at prefill
@@ -165,27 +133,20 @@ class Int4Projection(nn.Module):
     kernel, so a sequence's decode does not depend on what else is in the step.
     """
 
-    def __init__(self, weight: Int4Weight | Sequence[Int4Weight], dense: bool = False,
+    def __init__(self, weight: Int4Weight, dense: bool = False,
                  prompt_rows: PromptRows | None = None) -> None:
         super().__init__()
-        planes = [weight] if isinstance(weight, Int4Weight) else list(weight)
-        check_groupable(planes[0].codes)
-        out_features, in_features = planes[0].codes.shape
-        self.in_features, self.out_features = in_features, out_features
-        self.planes = len(planes)
-        stacked = concat_rows(planes)  # [planes * out, in], plane after plane
+        check_groupable(weight.codes)
+        self.out_features, self.in_features = weight.codes.shape
         self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            stacked.codes.to(torch.int32), _INNER_K_TILES)
-        # [in / G, planes * out, 2]: the kernel's scale-and-zero layout
+            weight.codes.to(torch.int32), _INNER_K_TILES)
+        # [in / G, out, 2]: the kernel's scale-and-zero layout
         self._scales_and_zeros = torch.stack(
-            (stacked.scale.t(), stacked.zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+            (weight.scale.t(), weight.zero.t()), dim=-1).to(torch.bfloat16).contiguous()
         self.prompt_rows = prompt_rows or PromptRows()
         self._dense_t: torch.Tensor | None = None  # [in, out] bf16
         if dense:
-            total = planes[0].dequantize()
-            for plane in planes[1:]:
-                total += plane.dequantize()
-            self._dense_t = total.t().to(torch.bfloat16).contiguous()
+            self._dense_t = weight.dequantize().t().to(torch.bfloat16).contiguous()
 
     @property
     def dense(self) -> bool:
@@ -193,11 +154,8 @@ class Int4Projection(nn.Module):
         return self._dense_t is not None
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.to(torch.bfloat16), self._packed, GROUP_SIZE, self._scales_and_zeros)
-        if self.planes == 1:
-            return out.float()
-        return out.view(x.shape[0], self.planes, self.out_features).float().sum(1)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self._packed, GROUP_SIZE, self._scales_and_zeros).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, rest = self.prompt_rows.rows, self.prompt_rows.rest
@@ -212,7 +170,6 @@ class Int4Projection(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        planes = f" x {self.planes} planes" if self.planes > 1 else ""
         dense = ", bf16 dense copy for prompt rows" if self.dense else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 groups of {GROUP_SIZE}{planes}{dense}")
+                f"int4 groups of {GROUP_SIZE}{dense}")

@@ -68,6 +68,11 @@ class RequestFailed(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def to_api_error(self) -> APIError:
+        """The client's answer: this failure as an :class:`APIError` (same status, message,
+        code and headers)."""
+        return APIError(self.status, self.message, code=self.code, headers=self.headers)
+
 
 _END = object()
 

@@ -100,7 +100,7 @@ async def merged_batches(tickets: Sequence[Ticket]
                         raise
                 yield ready
         except RequestFailed as exc:
-            raise APIError(exc.status, exc.message, code=exc.code, headers=exc.headers) from exc
+            raise exc.to_api_error() from exc
         return
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
 
@@ -110,8 +110,7 @@ async def merged_batches(tickets: Sequence[Ticket]
                 queue.put_nowait((t, checked(chunk)))
             queue.put_nowait((t, None))
         except RequestFailed as exc:
-            queue.put_nowait((t, APIError(exc.status, exc.message, code=exc.code,
-                                          headers=exc.headers)))
+            queue.put_nowait((t, exc.to_api_error()))
         except APIError as exc:
             queue.put_nowait((t, exc))
 

@@ -337,8 +337,7 @@ class LoadBoard:
         if best is None:
             shed = min(refusals, key=lambda s: s.retry_after_s)
             return Shed(shed.reason, shed.retry_after_s, shed.predicted_wait_s,
-                        f"server overloaded: {shed.message}; retry after "
-                        f"{shed.retry_after_s}s")
+                        overloaded_message(shed.message, shed.retry_after_s))
         return Accepted(best[1].replica_id, best[0][0])
 
 
@@ -348,3 +347,8 @@ def _usable(rep: _Replica) -> bool:
 
 def _ceil_s(seconds: float) -> int:
     return max(1, math.ceil(seconds))
+
+
+def overloaded_message(reason: str, retry_after_s: int) -> str:
+    """A 429's message when the server sheds load: why, and when to come back."""
+    return f"server overloaded: {reason}; retry after {retry_after_s}s"

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.admission import Accepted, Admission, LoadBoard, NoReplica, Shed
+from app.admission import Accepted, Admission, LoadBoard, NoReplica, Shed, overloaded_message
 from app.batcher import MicroBatcher, spawn
 from app.errors import APIError
 from app.llm_server import BatchItem, Event, ItemError, Routed
@@ -418,8 +418,8 @@ class Dispatcher:
         retry = self.board.retry_after_s(ticket.request.params.n)
         wait = self.board.limits.max_queue_wait_s
         ticket.queue.put_nowait(RequestFailed(
-            429, f"server overloaded: the request did not start within {wait:g}s "
-            f"(max_queue_wait_s); retry after {retry}s", code=LATE_REFUSAL_CODE,
+            429, overloaded_message(f"the request did not start within {wait:g}s "
+                                    "(max_queue_wait_s)", retry), code=LATE_REFUSAL_CODE,
             headers={"Retry-After": str(retry)}))
         self._close(ticket, "refused")
         if self._metrics:

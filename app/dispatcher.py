@@ -16,7 +16,11 @@ on arrival (code ``queue_wait_exceeded``; the ``refused`` outcome) instead of se
 Nothing of the answer has been sent by then (a stream's headers wait for its first event), so
 the time to first token of an accepted request is bounded by max_queue_wait_s plus about one
 prefill. A streamed request of several prompts is exempt (one prompt's stream may have begun
-before another's is refused), and so is a request placed again after its replica died.
+before another's is refused), and so is a request placed again after its replica died. A
+replica that neither starts nor refuses a request (hung: its engine stopped stepping) is
+backed up by the router: after each load poll it refuses, and aborts on the replica, every
+request sent but not started ``START_BY_GRACE_S`` (plus twice its prompt's prefill time) past
+its ``start_by``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 5.0  # stats polls and aborts; a replica that can't answer is unreachable
 DEADLINE_GRACE_S = 2.0  # the replica enforces deadlines; the router only backs it up
+# ... and start_by: a request its replica has neither started nor refused this long after its
+# start_by (a hung replica: its engine stopped stepping), plus twice its prompt's prefill at
+# the replica's measured rate (a started request's first event comes after its prefill), is
+# refused by the router after a poll
+START_BY_GRACE_S = 5.0
 # A queued request whose replica died waits at most this long for a healthy one (Serve
 # restarts a killed replica in about 10-30 s) before it fails with 503.
 REPLACE_WAIT_S = 30.0
@@ -210,6 +219,26 @@ class Dispatcher:
             self.board.set_replicas(ids)
             await asyncio.gather(*(self._poll_one(rid) for rid in ids))
             self.polled = True
+        self._refuse_overdue(time.monotonic())
+
+    def _refuse_overdue(self, now: float) -> None:
+        """The router's backup for ``start_by``: refuse (and abort on its replica) a request
+        sent but not started ``START_BY_GRACE_S`` past it, as the replica would have."""
+        for ticket in list(self._tickets.values()):
+            if (ticket.closed or not ticket.sent or not _refused_late(ticket)
+                    or ticket.start_by is None or now < ticket.start_by + START_BY_GRACE_S):
+                continue
+            if ticket.replica_id in self.board.replica_ids:
+                rate = self.board.estimate(ticket.replica_id).prefill_tokens_per_s
+                prompt = len(ticket.request.prompt_token_ids) * ticket.request.params.n
+                if now < ticket.start_by + START_BY_GRACE_S + 2 * prompt / rate:
+                    continue
+            logger.warning("request %s: not started on %s %.1fs past its start_by; refused",
+                           ticket.request_id, ticket.replica_id, now - ticket.start_by)
+            self._refuse_late(ticket)
+            task = spawn(self._abort(ticket))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _poll_one(self, replica_id: str | None) -> None:
         sent_at = time.monotonic()

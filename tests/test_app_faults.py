@@ -503,3 +503,50 @@ def test_an_accepted_request_not_started_within_max_queue_wait_is_refused_429(
     assert tally["accepted"] == sum(tally[k] for k in ("completed", "cancelled", "errored",
                                                        "deadline", "refused"))
     assert load["in_flight"] == 0
+
+
+def test_a_hung_replica_neither_starting_nor_refusing_is_backed_up_by_the_router(
+        tokenizer: Any, monkeypatch: Any) -> None:
+    """The replica accepts the batch and answers its load polls but never starts or refuses
+    the request (its engine stopped stepping): the router refuses it 429
+    ``queue_wait_exceeded`` START_BY_GRACE_S past its start_by, aborts it on the replica, and
+    counts it ``refused``."""
+    import app.dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "START_BY_GRACE_S", 0.3)
+
+    class HungClient(LocalClient):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.aborted: list[str] = []
+
+        def generate_batch(self, target: Any, items: Any) -> Any:
+            self.calls.append((target, [i.request.request_id for i in items]))
+
+            async def never() -> Any:
+                await asyncio.Event().wait()
+                yield []  # pragma: no cover - never reached
+
+            return never()
+
+        async def abort(self, target: Any, request_ids: Any) -> None:
+            self.aborted.extend(request_ids)
+
+    client = HungClient(make_local_cluster(1).servers)
+    router = make_router(client, tokenizer, max_queue_wait_s=0.5)
+
+    async def main() -> tuple[httpx.Response, dict[str, Any]]:
+        await router.dispatcher.wait_ready(5)
+        transport = httpx.ASGITransport(app=router.http_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            r = await asyncio.wait_for(
+                http.post("/v1/completions", json=completion(max_tokens=2)), 30)
+            await asyncio.sleep(0.1)
+            return r, (await http.get("/load")).json()
+
+    r, load = asyncio.run(main())
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "queue_wait_exceeded"
+    assert int(r.headers["retry-after"]) >= 1
+    assert len(client.calls) == 1 and client.aborted == client.calls[0][1]
+    assert load["requests"]["refused"] == 1 and load["in_flight"] == 0

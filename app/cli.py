@@ -76,7 +76,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
                    default=SERVING_QUANTIZATION,
                    help="int8: projections and LM head as int8 (CPU); int8x2: as two int8 "
                         "planes each (~15-bit weights, CPU); int4: projections as 4-bit "
-                        "groups, bf16 activations, LM head int8x2 (CPU; a GGUF Q4_1 file's "
+                        "groups, bf16 activations, LM head int8 (CPU; a GGUF Q4_1 file's "
                         "own weights, the fastest form); auto: on CPU the fastest form that "
                         "meets the accuracy goals (int4, else int8x2), bf16 unquantized on "
                         "CUDA; none: the dtype as given")

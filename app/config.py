@@ -70,7 +70,7 @@ class AppConfig(BaseModel):
         SERVING_QUANTIZATION, description="int8: projections and LM head as int8 (CPU, fbgemm); "
         "int8x2: as two int8 planes each (~15-bit weights, CPU, fbgemm); int4: projections as "
         "4-bit groups of 32 (CPU with AVX-512 BF16 speed, bf16 activations; a GGUF Q4_1 "
-        "file's own weights exactly), the LM head int8x2; auto: on CPU the fastest form that "
+        "file's own weights exactly), the LM head int8; auto: on CPU the fastest form that "
         "meets the accuracy goals (int4, else int8x2), bf16 unquantized on CUDA; "
         "none: weights in `dtype`.",
     )

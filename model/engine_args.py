@@ -19,7 +19,7 @@ class EngineArgs:
     model: str | None = None  # checkpoint folder or .gguf file; None/"default": embedded model
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA; or float32/bfloat16/float16
     # int8: projections and LM head as int8 (CPU, fbgemm); int8x2: as two int8 planes each
-    # (~15-bit weights); int4: 4-bit groups of 32 (LM head int8x2), bf16 activations, CPU
+    # (~15-bit weights); int4: 4-bit groups of 32 (LM head int8), bf16 activations, CPU
     # (model/int4.py); auto: on CPU with fp32 activations the fastest form that meets the
     # accuracy goals (model.quantization.resolve_quantization), none otherwise (CUDA runs
     # bf16 unquantized); none: as the checkpoint's dtype

@@ -9,8 +9,8 @@ of ``torch.ops.aten._weight_int4pack_mm_for_cpu``). The codes are packed by
 The form, :func:`quantize_int4`, is asymmetric 4 bits per group (``s = (max - min) / 15``,
 ``z = min + 8 s``): the form of GGUF's ``Q4_1`` (groups of 32, ``w = d q + m``), which it
 reproduces exactly from the dequantized values, since Q4_1 maps each group's min to code 0
-and its max to code 15. The decoder projections use it. The model's LM head is int8x2
-instead (model/transformer.py): it first ran here as two int4 planes of a Q8_0 code, and its
+and its max to code 15. The decoder projections use it. The model's LM head is int8
+instead (one fbgemm plane, fp32 logits; model/transformer.py): it first ran here as two int4 planes of a Q8_0 code, and its
 bf16 logits proved the main source of greedy flips.
 
 The kernel rounds its inputs and outputs to bf16 (8-bit mantissas), the scales and zeros too;
@@ -18,8 +18,9 @@ the residual stream, norms, attention and the KV cache stay fp32. Prompt tokens 
 bf16 dense copy of the weight instead (:class:`Int4Projection` ``dense``; faster at prefill
 sizes). Accuracy against the fp32 model (bench/quant_accuracy_bench.py, default model,
 2026-12-02), greedy 32-token continuations identical of 20: int4 everywhere with an int4 head
-14 (perplexity +0.10%); with the dense prompt copies 15; with those and the int8x2 head (what
-the model builds) 17, perplexity -0.06%. Simulated one rounding at a time with fp32 matmuls:
+14 (perplexity +0.10%); with the dense prompt copies 15; with those and an int8x2 head 17,
+perplexity -0.06%; with an int8 head (what the model builds, 3x faster than int8x2) 17,
+perplexity -0.07%. Simulated one rounding at a time with fp32 matmuls:
 bf16 outputs alone leave 12 of 20 identical, bf16 scales and zeros 15, bf16 inputs 19; the
 kernel has no fp32 output. Speed: bench/decode_step_bench.py (variant int4).
 """

@@ -212,10 +212,10 @@ class Transformer(nn.Module):
         quantized here. Unquantized, int8 inputs are dequantized. ``quantization="int4"``
         makes every projection an :class:`~model.int4.Int4Projection` (4-bit groups, as loaded
         when ``zeros`` holds the weight's group zeros, else quantized here); its LM head is
-        int8x2 (:class:`~model.quantization.Int8Projection`, two int8 planes, fp32 output):
-        the int4 kernel's bf16 logits moved greedy near-ties (15 of 20 continuations as fp32's,
-        17 of 20 with this head, bench/quant_accuracy_bench.py), at ~0.6 ms more per batch-1
-        step and less at batch 16. ``dense_prefill`` (int4 only) gives every decoder
+        int8 (:class:`~model.quantization.Int8Projection`, one int8 plane, fp32 output): the
+        int4 kernel's bf16 logits moved greedy near-ties (15 of 20 continuations as fp32's, 17
+        of 20 with this head, as with two int8 planes, bench/quant_accuracy_bench.py); one
+        plane takes 0.8 ms at batch 1 where two took 2.3 ms. ``dense_prefill`` (int4 only) gives every decoder
         projection a bf16 dense copy for prompt tokens (see :class:`~model.int4.Int4Projection`).
         """
         scales, zeros = scales or {}, zeros or {}
@@ -253,8 +253,8 @@ class Transformer(nn.Module):
         for module_name, parts in fused.items():
             if quantization == "int4":
                 projection: nn.Module
-                if module_name == "lm_head":  # int8x2: see the docstring
-                    projection = Int8Projection(quantize_planes(fp32(parts[0]), 2))
+                if module_name == "lm_head":  # int8, fp32 logits: see the docstring
+                    projection = Int8Projection(quantize_planes(fp32(parts[0]), 1))
                 else:
                     projection = int4.Int4Projection(int4.concat_rows([
                         int4.Int4Weight(tensors[n], scales[n], zeros[n]) if n in zeros

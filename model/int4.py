@@ -10,8 +10,8 @@ The form, :func:`quantize_int4`, is asymmetric 4 bits per group (``s = (max - mi
 ``z = min + 8 s``): the form of GGUF's ``Q4_1`` (groups of 32, ``w = d q + m``), which it
 reproduces exactly from the dequantized values, since Q4_1 maps each group's min to code 0
 and its max to code 15. The decoder projections use it. The model's LM head is int8
-instead (one fbgemm plane, fp32 logits; model/transformer.py): it first ran here as two int4 planes of a Q8_0 code, and its
-bf16 logits proved the main source of greedy flips.
+instead (one fbgemm plane, fp32 logits; model/transformer.py): it first ran here as two int4
+planes of a Q8_0 code, and its bf16 logits proved the main source of greedy flips.
 
 The kernel rounds its inputs and outputs to bf16 (8-bit mantissas), the scales and zeros too;
 the residual stream, norms, attention and the KV cache stay fp32. Prompt tokens can take a

@@ -215,8 +215,9 @@ class Transformer(nn.Module):
         int8 (:class:`~model.quantization.Int8Projection`, one int8 plane, fp32 output): the
         int4 kernel's bf16 logits moved greedy near-ties (15 of 20 continuations as fp32's, 17
         of 20 with this head, as with two int8 planes, bench/quant_accuracy_bench.py); one
-        plane takes 0.8 ms at batch 1 where two took 2.3 ms. ``dense_prefill`` (int4 only) gives every decoder
-        projection a bf16 dense copy for prompt tokens (see :class:`~model.int4.Int4Projection`).
+        plane takes 0.8 ms at batch 1 where two took 2.3 ms. ``dense_prefill`` (int4 only)
+        gives every decoder projection a bf16 dense copy for prompt tokens (see
+        :class:`~model.int4.Int4Projection`).
         """
         scales, zeros = scales or {}, zeros or {}
         planes = INT8_PLANES.get(quantization, 0)

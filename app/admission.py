@@ -269,10 +269,7 @@ class LoadBoard:
         """Sequences of ``seq_tokens`` tokens that could start on the replica now."""
         if est.total_blocks <= 0 or est.block_size <= 0:
             return est.free_slots  # no block figures reported: slots alone
-        blocks = math.ceil(max(1.0, self.seq_tokens) / est.block_size)
-        if est.blocks_per_sequence_max > 0:
-            blocks = min(blocks, est.blocks_per_sequence_max)  # a sequence holds at most R
-        return min(est.free_slots, est.free_blocks // blocks)
+        return min(est.free_slots, est.free_blocks // est.blocks_held(self.seq_tokens))
 
     def predicted_wait(self, est: LoadEstimate, seqs: int = 1) -> float:
         """Seconds a request of ``seqs`` sequences would queue on the replica before it could

@@ -91,12 +91,17 @@ class LoadEstimate:
             return 0
         freed = 0
         if self.block_size > 0:
-            for tokens in self.ended_running_tokens[:self.stats.running_sequences]:
-                blocks = math.ceil(max(1, tokens) / self.block_size)
-                if self.blocks_per_sequence_max > 0:
-                    blocks = min(blocks, self.blocks_per_sequence_max)
-                freed += blocks
+            freed = sum(self.blocks_held(tokens)
+                        for tokens in self.ended_running_tokens[:self.stats.running_sequences])
         return min(self.stats.total_blocks, self.stats.free_blocks + freed)
+
+    def blocks_held(self, tokens: float) -> int:
+        """Blocks a sequence of ``tokens`` holds: whole blocks, at most
+        ``blocks_per_sequence_max`` (the window's table). Needs ``block_size`` > 0."""
+        blocks = math.ceil(max(1.0, tokens) / self.block_size)
+        if self.blocks_per_sequence_max > 0:
+            blocks = min(blocks, self.blocks_per_sequence_max)  # a sequence holds at most R
+        return blocks
 
     @property
     def total_blocks(self) -> int:

@@ -380,11 +380,16 @@ def test_a_stalled_client_is_disconnected_and_its_slot_freed(serve: ServeInstanc
         while b"data: " not in head:
             head += sock.recv(1024)
         began = time.monotonic()
-        running = 0
-        while True:  # the client reads nothing more
-            running = sum(r["running_sequences"] + r["ended_since_report"] for r in httpx.get(
+
+        def running() -> int:
+            return sum(r["running_sequences"] + r["ended_since_report"] for r in httpx.get(
                 f"{serve.base}/load", timeout=10).json()["replicas"])
-            if running == 0:
+
+        while running() == 0:  # a report from before it started shows none: wait for one
+            assert time.monotonic() - began < 30, "the stream never showed as running"
+            time.sleep(0.05)
+        while True:  # the client reads nothing more
+            if running() == 0:
                 break
             assert time.monotonic() - began < 120, "the stalled stream was never cancelled"
             time.sleep(0.2)

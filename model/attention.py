@@ -12,14 +12,16 @@ Three entry points, all free of any cache bookkeeping:
   at a time over just its valid rows: on CPU this beats gathering a padded batch (no copy of
   the cache, no work on padding rows; bench/decode_attention_bench.py).
 * :func:`paged_decode_attention` - the same over the paged pool: each sequence's window is a
-  few runs of adjacent rows (its blocks, through its block table), read in place.
+  few runs of adjacent rows (its blocks, through its block table); one SDPA call each.
 
 Shape letters: B batch, T tokens, H query heads, KVH key/value heads, D head dim, W window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,8 @@ import torch.nn.functional as F
 # kernel wastes part of its tiles, and bigger ones make fewer calls. 256 measured best at
 # 16K tokens, W = 4096 against 512 and 1024 (bench/paper_claims.py, --query-block).
 QUERY_BLOCK = 256
-# Paged decode reads a sequence in place when its window lies in at most this many runs of
-# adjacent pool rows; beyond that one gather beats a matmul per short run (bench/paged_bench.py).
+# Paged decode joins a sequence's window by one cat of its runs' views when it lies in at most
+# this many runs of adjacent pool rows; beyond that by one index gather (bench/paged_bench.py).
 MAX_RUNS_IN_PLACE = 4
 
 
@@ -238,41 +240,50 @@ def decode_attention_per_slot(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
                            runs: tuple[tuple[tuple[int, int], ...], ...],
                            max_runs_in_place: int = MAX_RUNS_IN_PLACE) -> torch.Tensor:
-    """One query per sequence over its window in the paged pool, read in place.
+    """One query per sequence over its window in the paged pool.
 
     q: [B, H, D]; k_rows, v_rows: [KVH, P, D] (the layer's pool as rows, P = blocks * B);
     runs[b] are sequence b's ``[start, stop)`` row ranges (``model.block_table.ring_segments``).
-    Each run is a [KVH, L, D] view of the pool with contiguous rows, as a slot was: nothing
-    is copied. A sequence of several runs gets one softmax over all of them; one scattered
-    over more than ``max_runs_in_place`` runs (a crowded pool) is gathered first, since a
-    matmul per short run costs more than the copy. Returns [B, H, D].
+    A window of one run is a [KVH, L, D] view of the pool, read in place; one of a few runs
+    (at most ``max_runs_in_place``) is joined by one ``cat`` of its views, one scattered over
+    more (a crowded pool) by one ``index_select``. Each sequence is then one SDPA call (the
+    CPU flash kernel: one op where a matmul/softmax/matmul chain took five, ~25% less time
+    per sequence, bench/decode_attention_bench.py), computed alone, so its result never
+    depends on the rest of the batch (bit for bit). On CPU the loop runs on one thread
+    (:func:`one_thread`): each call is a few microseconds of work, and a second thread's
+    fork and join cost more than it saves. Returns [B, H, D].
     """
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_rows.shape[0]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)  # [B, H, D]
-    for b, seq_runs in enumerate(runs):
-        qg = q[b].view(num_kv_heads, group, head_dim)  # [KVH, G, D]
-        if len(seq_runs) == 1 or len(seq_runs) > max_runs_in_place:
+    with one_thread(not q.is_cuda):
+        for b, seq_runs in enumerate(runs):
             if len(seq_runs) == 1:
                 lo, hi = seq_runs[0]
                 keys, values = k_rows[:, lo:hi], v_rows[:, lo:hi]  # [KVH, L, D] views
+            elif len(seq_runs) <= max_runs_in_place:
+                keys = torch.cat([k_rows[:, lo:hi] for lo, hi in seq_runs], 1)  # [KVH, L, D]
+                values = torch.cat([v_rows[:, lo:hi] for lo, hi in seq_runs], 1)
             else:
                 index = torch.cat([torch.arange(lo, hi) for lo, hi in seq_runs])
                 index = index.to(k_rows.device)
-                keys, values = k_rows[:, index], v_rows[:, index]  # [KVH, L, D] copies
-            out[b] = _grouped_attention(qg, keys, values).view(num_heads, head_dim)
-            continue
-        scores = torch.cat([torch.matmul(qg, k_rows[:, lo:hi].transpose(-1, -2))
-                            for lo, hi in seq_runs], dim=-1)  # [KVH, G, L]
-        scores.mul_(1.0 / math.sqrt(head_dim))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v_rows.dtype)
-        acc: torch.Tensor | None = None
-        col = 0
-        for lo, hi in seq_runs:
-            part = torch.matmul(probs[..., col:col + hi - lo], v_rows[:, lo:hi])  # [KVH, G, D]
-            acc = part if acc is None else acc.add_(part)
-            col += hi - lo
-        assert acc is not None
-        out[b] = acc.view(num_heads, head_dim)
+                keys, values = k_rows.index_select(1, index), v_rows.index_select(1, index)
+            qg = q[b].view(1, num_kv_heads, group, head_dim)  # [1, KVH, G, D]: G query rows
+            out[b] = F.scaled_dot_product_attention(qg, keys[None], values[None]).view(
+                num_heads, head_dim)
     return out
+
+
+@contextlib.contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block with one intra-op thread (the thread count is restored after it)."""
+    threads = torch.get_num_threads()
+    if not enabled or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -76,7 +76,8 @@ class StreamResult:
     ended_at: float | None = None
     error: dict[str, Any] | None = None  # an error event inside the stream
     done: bool = False  # data: [DONE] after the last chunk
-    tokens: int = 0
+    events: int = 0  # content events (under load the server coalesces a stream's chunks)
+    tokens: int = 0  # completion tokens, as the stream's usage chunk counts them
     replica: str | None = None
     retry_after: int | None = None
     body: dict[str, Any] = field(default_factory=dict)  # a non-200 answer's JSON
@@ -91,7 +92,8 @@ async def stream_completion(http: httpx.AsyncClient, max_tokens: int,
                             deadline_s: float | None = None,
                             prompt: str = PROMPT) -> StreamResult:
     body: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
-                            "temperature": 0, "ignore_eos": True, "stream": True}
+                            "temperature": 0, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}}
     if deadline_s is not None:
         body["deadline_s"] = deadline_s
     res = StreamResult(started_at=time.monotonic())
@@ -117,11 +119,15 @@ async def stream_completion(http: httpx.AsyncClient, max_tokens: int,
                 res.error = event["error"]
                 res.ended_at = time.monotonic()
                 continue
+            if event.get("usage"):
+                res.tokens = event["usage"]["completion_tokens"]
+            if not event.get("choices"):  # the usage chunk
+                continue
             if res.first_token_at is None:
                 res.first_token_at = time.monotonic()
                 if started is not None:
                     started.set()
-            res.tokens += 1
+            res.events += 1
     res.ended_at = res.ended_at or time.monotonic()
     return res
 

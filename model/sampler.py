@@ -72,7 +72,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
     token_ids = torch.empty(batch, dtype=torch.long, device=device)  # [B]
 
     greedy = [i for i, row in enumerate(rows) if row.params.greedy]
-    if greedy:
+    if len(greedy) == batch:  # no index copy of the logits (a parallel gather of B x V)
+        token_ids = penalized.argmax(dim=-1)
+    elif greedy:
         greedy_idx = torch.tensor(greedy, device=device)  # [G]
         token_ids[greedy_idx] = penalized[greedy_idx].argmax(dim=-1)
 

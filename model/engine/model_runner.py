@@ -56,7 +56,8 @@ class ModelRunner:
         # the rows are then drawn again one by one (see _sample_alone).
         states = [None if s.generator is None else s.generator.get_state() for s in seqs]
         try:
-            result = sample(logits[rows_index], rows)
+            result = sample(logits if len(rows_index) == logits.shape[0]
+                            else logits[rows_index], rows)
         except Exception:  # find the row(s) at fault, sample the rest
             logger.warning("batched sampling failed; sampling the step's rows one by one",
                            exc_info=True)

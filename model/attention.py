@@ -34,6 +34,9 @@ QUERY_BLOCK = 256
 # Paged decode joins a sequence's window by one cat of its runs' views when it lies in at most
 # this many runs of adjacent pool rows; beyond that by one index gather (bench/paged_bench.py).
 MAX_RUNS_IN_PLACE = 4
+# CPU paged decode runs on one intra-op thread while no window is longer than this: measured
+# side by side (2 cores), one thread took 0.55-0.75x the time at 128 rows and 1.1x at 600.
+ONE_THREAD_MAX_ROWS = 256
 
 
 def _flash_attn_func():  # pragma: no cover - only on CUDA machines with flash-attn
@@ -249,15 +252,17 @@ def paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.
     more (a crowded pool) by one ``index_select``. Each sequence is then one SDPA call (the
     CPU flash kernel: one op where a matmul/softmax/matmul chain took five, ~25% less time
     per sequence, bench/decode_attention_bench.py), computed alone, so its result never
-    depends on the rest of the batch (bit for bit). On CPU the loop runs on one thread
-    (:func:`one_thread`): each call is a few microseconds of work, and a second thread's
-    fork and join cost more than it saves. Returns [B, H, D].
+    depends on the rest of the batch (bit for bit). On CPU, while every window is at most
+    :data:`ONE_THREAD_MAX_ROWS` rows, the loop runs on one thread (:func:`one_thread`): each
+    call is then a few microseconds of work, and a second thread's fork and join cost more
+    than it saves. Returns [B, H, D].
     """
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_rows.shape[0]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)  # [B, H, D]
-    with one_thread(not q.is_cuda):
+    longest = max((sum(hi - lo for lo, hi in r) for r in runs), default=0)
+    with one_thread(not q.is_cuda and longest <= ONE_THREAD_MAX_ROWS):
         for b, seq_runs in enumerate(runs):
             if len(seq_runs) == 1:
                 lo, hi = seq_runs[0]

@@ -250,8 +250,8 @@ def paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.
     A window of one run is a [KVH, L, D] view of the pool, read in place; one of a few runs
     (at most ``max_runs_in_place``) is joined by one ``cat`` of its views, one scattered over
     more (a crowded pool) by one ``index_select``. Each sequence is then one SDPA call (the
-    CPU flash kernel: one op where a matmul/softmax/matmul chain took five, ~25% less time
-    per sequence, bench/decode_attention_bench.py), computed alone, so its result never
+    CPU flash kernel: one op where a matmul/softmax/matmul chain took five; side by side
+    0.53-0.84x the chain's time at 128 rows, bench/README.md), computed alone, so its result never
     depends on the rest of the batch (bit for bit). On CPU, while every window is at most
     :data:`ONE_THREAD_MAX_ROWS` rows, the loop runs on one thread (:func:`one_thread`): each
     call is then a few microseconds of work, and a second thread's fork and join cost more

@@ -19,12 +19,12 @@ Shape letters: B batch, T tokens, H query heads, KVH key/value heads, D head dim
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from model.omp_threads import one_thread
 
 # Queries per block for CPU banded attention (capped at W/2). The band's work is n * W per
 # block whatever n; smaller blocks shrink the two causal triangles (n^2 of it), where the
@@ -279,16 +279,3 @@ def paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.
                 num_heads, head_dim)
     return out
 
-
-@contextlib.contextmanager
-def one_thread(enabled: bool = True) -> Iterator[None]:
-    """Run the block with one intra-op thread (the thread count is restored after it)."""
-    threads = torch.get_num_threads()
-    if not enabled or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

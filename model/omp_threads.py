@@ -8,15 +8,19 @@ region pays a futex wake-up, and a batch-1 decode step (hundreds of small kernel
 half speed with 2 torch threads (measured: 15 vs 30 tokens/s on the 2-core dev box,
 bench/throughput_bench.py --api async vs sync). ``release_omp_threads()`` frees the calling
 thread's team (OpenMP 5.0 ``omp_pause_resource_all``); the next parallel kernel on that thread
-starts a fresh team, which costs microseconds.
+starts a fresh team, which costs microseconds. ``one_thread()`` runs a block of small kernels
+on one intra-op thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -53,3 +57,17 @@ def release_omp_threads() -> bool:
         logger.debug("omp_pause_resource_all refused (called inside a parallel region?)")
         return False
     return True
+
+
+@contextlib.contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block with one intra-op thread (the thread count is restored after it)."""
+    threads = torch.get_num_threads()
+    if not enabled or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

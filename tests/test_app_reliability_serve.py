@@ -76,8 +76,9 @@ class StreamResult:
     ended_at: float | None = None
     error: dict[str, Any] | None = None  # an error event inside the stream
     done: bool = False  # data: [DONE] after the last chunk
-    events: int = 0  # content events (under load the server coalesces a stream's chunks)
-    tokens: int = 0  # completion tokens, as the stream's usage chunk counts them
+    # completion tokens, as the stream's usage chunk counts them (under load the server
+    # merges a stream's chunks, so events undercount)
+    tokens: int = 0
     replica: str | None = None
     retry_after: int | None = None
     body: dict[str, Any] = field(default_factory=dict)  # a non-200 answer's JSON
@@ -127,7 +128,6 @@ async def stream_completion(http: httpx.AsyncClient, max_tokens: int,
                 res.first_token_at = time.monotonic()
                 if started is not None:
                     started.set()
-            res.events += 1
     res.ended_at = res.ended_at or time.monotonic()
     return res
 

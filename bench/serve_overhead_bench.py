@@ -26,15 +26,16 @@ Both phases get one warm-up (2 short requests) first. Reported per phase: wall t
 workload and output tokens/s; then ratio = HTTP / direct, overhead = 1 - ratio, and whether
 it is within ``--target`` (default 10%).
 
-Fairness: Ray sets ``OMP_NUM_THREADS`` = max(1, floor(num_cpus)) in a worker that has none,
-and ``app/`` does not set torch threads, so the LLM replica runs torch with 1 thread at the
-default ``replica_num_cpus`` 0.5. Phase A uses that same count (``torch.set_num_threads``);
-``--threads N`` instead puts ``OMP_NUM_THREADS=N`` in the server's environment (Ray then
-leaves it alone) and uses N in phase A. After phase B a probe connects to the Ray cluster
-inside the namespace and asks the replica for ``torch.get_num_threads()``; both counts are
-printed, with the CPU cores each phase used (from /proc) to show where the time went: the LLM
-replica, the router, Serve's HTTP proxy, the loopback forwarder, the rest of Ray, and the
-client. The machine's other load (another developer's work on a shared box) is printed too.
+Fairness: phase A's engine is built from the same app settings as the server's replica
+(``AppConfig.engine_args``: the serving quantization default ``auto``, or ``--app-arg
+quantization=...``), with the torch threads the replica takes (``AppConfig.replica_threads``:
+the cores the router does not need, 2 on a 2-core box with one replica); ``--threads N`` sets
+``replica_torch_threads=N`` on the server and N in phase A. After phase B a probe connects
+to the Ray cluster inside the namespace and asks the replica for ``torch.get_num_threads()``;
+both counts are printed, with the CPU cores each phase used (from /proc) to show where the
+time went: the LLM replica, the router, Serve's HTTP proxy, the loopback forwarder, the rest
+of Ray, and the client. The machine's other load (another developer's work on a shared box)
+is printed too.
 
 Needs root on Linux (Ray must not listen beyond loopback: ``--isolate netns``). Prints;
 asserts nothing; progress lines go to stderr. The default run takes about 2.5 minutes on 2
@@ -49,9 +50,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
-import math
 import os
 import shutil
 import signal
@@ -190,11 +191,25 @@ class CpuMeter:
 
 
 # Phase A: the engine called directly --------------------------------------------------------
-def _engine_args(args: argparse.Namespace) -> Any:
-    from model.engine_args import EngineArgs
+def server_app_args(args: argparse.Namespace) -> dict[str, str]:
+    """The app arguments phase B's server gets (phase A's engine is built from the same)."""
+    return {"num_replicas": "1", "max_num_seqs": str(args.concurrency),
+            "max_model_len": str(args.max_model_len),
+            "max_num_batched_tokens": str(args.max_num_batched_tokens),
+            **({} if args.threads is None else {"replica_torch_threads": str(args.threads)}),
+            **SERVER_APP_ARGS, **dict(args.app_arg)}
 
-    return EngineArgs(max_model_len=args.max_model_len, max_num_seqs=args.concurrency,
-                      max_num_batched_tokens=args.max_num_batched_tokens, progress=False)
+
+def _app_config(args: argparse.Namespace) -> Any:
+    from app.config import AppConfig
+
+    return AppConfig.model_validate(server_app_args(args))
+
+
+def _engine_args(args: argparse.Namespace) -> Any:
+    """The engine settings the server's LLM replica builds (quantization included: the
+    serving default ``auto``, or ``--app-arg quantization=...``), without progress bars."""
+    return dataclasses.replace(_app_config(args).engine_args(), progress=False)
 
 
 async def phase_direct(args: argparse.Namespace, threads: int
@@ -243,17 +258,13 @@ async def phase_direct(args: argparse.Namespace, threads: int
 class Server:
     """``ringserve serve`` in a private network namespace; ``stop()`` leaves nothing behind."""
 
-    def __init__(self, args: argparse.Namespace, threads_env: int | None) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.threads_env = threads_env
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{args.port}"
 
     def command(self) -> list[str]:
-        app_args = {"num_replicas": "1", "max_num_seqs": str(self.args.concurrency),
-                    "max_model_len": str(self.args.max_model_len),
-                    "max_num_batched_tokens": str(self.args.max_num_batched_tokens),
-                    **SERVER_APP_ARGS, **dict(self.args.app_arg)}
+        app_args = server_app_args(self.args)
         beside = Path(sys.executable).parent / "ringserve"
         launcher = [str(beside)] if beside.exists() else [sys.executable, "-m", "app.cli"]
         return [*launcher, "serve", "--isolate", "netns", "--host", "127.0.0.1",
@@ -263,8 +274,6 @@ class Server:
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_USAGE_STATS_ENABLED"] = "0"
-        if self.threads_env is not None:
-            env["OMP_NUM_THREADS"] = str(self.threads_env)
         command = self.command()
         _log("phase B: " + " ".join(command[1:]))
         # Its own session: a Ctrl-C here reaches only this process, which stops it in order.
@@ -477,7 +486,8 @@ def print_report(args: argparse.Namespace, items: Sequence[WorkItem], direct: Ph
     output_total = sum(i.output_len for i in items)
     mode = "streaming" if args.stream else "non-streaming"
     print("serve overhead: the engine called directly vs. HTTP through the router and Ray "
-          "Serve (1 LLM replica), embedded default model, fp32 CPU")
+          f"Serve (1 LLM replica), embedded default model, quantization "
+          f"{_engine_args(args).quantization}, CPU")
     print(f"workload: {len(items)} requests, seed {args.seed}, prompt len {args.prompt_len[0]}.."
           f"{args.prompt_len[1]} ({prompt_total} tokens), output len {args.output_len[0]}.."
           f"{args.output_len[1]} ({output_total} tokens), greedy, ignore EOS, concurrency "
@@ -541,8 +551,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="engine step token budget, both phases (the app's default 512)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads on both sides (OMP_NUM_THREADS for the server); "
-                        "default: what Ray gives the replica, max(1, floor(replica_num_cpus))")
+                        help="torch threads on both sides (replica_torch_threads for the "
+                        "server); default: the replica's share of the cores "
+                        "(AppConfig.replica_threads)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"API port on 127.0.0.1 (default {DEFAULT_PORT})")
     parser.add_argument("--stream", action="store_true", help="SSE streaming responses")
@@ -570,15 +581,9 @@ def replica_thread_count(args: argparse.Namespace) -> int:
     """Torch threads the LLM replica will run with (see the module docstring)."""
     if args.threads is not None:
         return args.threads
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # inherited by Ray: it keeps it
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    from app.config import AppConfig
+    from app.config import available_cpus
 
-    knobs = dict(args.app_arg)
-    num_cpus = AppConfig.model_validate(
-        {"replica_num_cpus": knobs.get("replica_num_cpus", AppConfig().replica_num_cpus)}
-    ).replica_num_cpus
-    return max(1, math.floor(num_cpus))
+    return int(_app_config(args).replica_threads(available_cpus()))
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -598,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"load before: {load_before}; torch threads on both sides: {threads}")
     try:
         direct, items, warm = asyncio.run(phase_direct(args, threads))
-        server = Server(args, args.threads)
+        server = Server(args)
         try:
             server.start()
             http = asyncio.run(phase_http(args, server, items, warm))

@@ -367,9 +367,10 @@ def start_serve(args: argparse.Namespace, app_args: dict[str, str]) -> Any:
     server_args = argparse.Namespace(
         port=args.port + 1, start_timeout=300.0, concurrency=int(app_args["max_num_seqs"]),
         max_model_len=int(app_args["max_model_len"]), max_num_batched_tokens=512,
+        threads=None,  # replica_torch_threads travels in app_arg
         app_arg=[(k, v) for k, v in app_args.items()
                  if k not in ("max_num_seqs", "max_model_len")])
-    server = Server(server_args, None)
+    server = Server(server_args)
     server.start()
 
     async def healthy() -> None:

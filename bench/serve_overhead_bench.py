@@ -578,9 +578,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def replica_thread_count(args: argparse.Namespace) -> int:
-    """Torch threads the LLM replica will run with (see the module docstring)."""
-    if args.threads is not None:
-        return args.threads
+    """Torch threads the LLM replica will run with (see the module docstring): ``--threads``
+    reaches it as ``replica_torch_threads`` (:func:`server_app_args`)."""
     from app.config import available_cpus
 
     return int(_app_config(args).replica_threads(available_cpus()))

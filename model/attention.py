@@ -12,7 +12,8 @@ Three entry points, all free of any cache bookkeeping:
   at a time over just its valid rows: on CPU this beats gathering a padded batch (no copy of
   the cache, no work on padding rows; bench/decode_attention_bench.py).
 * :func:`paged_decode_attention` - the same over the paged pool: each sequence's window is a
-  few runs of adjacent rows (its blocks, through its block table); one SDPA call each.
+  few runs of adjacent rows (its blocks, through its block table). On CPU (fp32) one call of
+  our kernel per layer (model/cpu_kernels.py), else one SDPA call per sequence.
 
 Shape letters: B batch, T tokens, H query heads, KVH key/value heads, D head dim, W window.
 """
@@ -24,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model import cpu_kernels
 from model.omp_threads import one_thread
 
 # Queries per block for CPU banded attention (capped at W/2). The band's work is n * W per
@@ -240,13 +242,55 @@ def decode_attention_per_slot(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out
 
 
+def run_table(runs: tuple[tuple[tuple[int, int], ...], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs per sequence as the CPU kernel takes them: ([R, 2] int64 ``[start, stop)`` of
+    every run, sequence after sequence; [B + 1] int64 offsets of each sequence's first run)."""
+    bounds = torch.tensor([run for seq_runs in runs for run in seq_runs],
+                          dtype=torch.long).view(-1, 2)  # [R, 2]
+    offsets = torch.zeros(len(runs) + 1, dtype=torch.long)  # [B + 1]
+    offsets[1:] = torch.tensor([len(seq_runs) for seq_runs in runs], dtype=torch.long).cumsum(0)
+    return bounds, offsets
+
+
+def _kernel_takes(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> bool:
+    """Whether ``ringserve::paged_decode`` handles these tensors: CPU fp32, head dim a
+    multiple of 16 up to 256, at most 16 query heads per KV head, rows dense in D."""
+    head_dim, num_kv_heads = q.shape[-1], k_rows.shape[0]
+    return (not q.is_cuda and q.dtype == k_rows.dtype == v_rows.dtype == torch.float32
+            and head_dim % 16 == 0 and head_dim <= 256 and q.shape[1] % num_kv_heads == 0
+            and q.shape[1] // num_kv_heads <= 16
+            and k_rows.stride(-1) == 1 and v_rows.stride(-1) == 1)
+
+
 def paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
                            runs: tuple[tuple[tuple[int, int], ...], ...],
-                           max_runs_in_place: int = MAX_RUNS_IN_PLACE) -> torch.Tensor:
+                           max_runs_in_place: int = MAX_RUNS_IN_PLACE,
+                           table: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           use_kernel: bool = True) -> torch.Tensor:
     """One query per sequence over its window in the paged pool.
 
     q: [B, H, D]; k_rows, v_rows: [KVH, P, D] (the layer's pool as rows, P = blocks * B);
-    runs[b] are sequence b's ``[start, stop)`` row ranges (``model.block_table.ring_segments``).
+    runs[b] are sequence b's ``[start, stop)`` row ranges (``model.block_table.ring_segments``);
+    ``table`` is :func:`run_table` of them when the caller has it already (once per step).
+    On CPU with fp32 tensors this is one call of ``ringserve::paged_decode``
+    (model/cpu_kernels.py) when it is available and ``use_kernel``; otherwise
+    :func:`sdpa_paged_decode_attention`. Both compute each sequence alone, so its result never
+    depends on the rest of the batch (bit for bit). Returns [B, H, D].
+    """
+    if use_kernel and len(runs) > 0 and _kernel_takes(q, k_rows, v_rows):
+        kernel = cpu_kernels.paged_decode()
+        if kernel is not None:
+            bounds, offsets = table if table is not None else run_table(runs)
+            return kernel(q, k_rows, v_rows, bounds, offsets, 1.0 / math.sqrt(q.shape[-1]))
+    return sdpa_paged_decode_attention(q, k_rows, v_rows, runs, max_runs_in_place)
+
+
+def sdpa_paged_decode_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
+                                runs: tuple[tuple[tuple[int, int], ...], ...],
+                                max_runs_in_place: int = MAX_RUNS_IN_PLACE) -> torch.Tensor:
+    """:func:`paged_decode_attention` through PyTorch: one SDPA call per sequence.
+
+    q: [B, H, D]; k_rows, v_rows: [KVH, P, D]; runs as there.
     A window of one run is a [KVH, L, D] view of the pool, read in place; one of a few runs
     (at most ``max_runs_in_place``) is joined by one ``cat`` of its views, one scattered over
     more (a crowded pool) by one ``index_select``. Each sequence is then one SDPA call (the

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-from model.attention import decode_attention, paged_decode_attention, prefill_attention
+from model.attention import (
+    decode_attention,
+    paged_decode_attention,
+    prefill_attention,
+    run_table,
+)
 from model.block_table import (
     BlockPool,
     blocks_per_table,
@@ -145,6 +151,11 @@ class PagedDecode:
     runs: tuple[tuple[tuple[int, int], ...], ...]  # [Bd] pool-row runs of each visible window
     covers_batch: bool  # every token of the batch is a decode
 
+    @cached_property
+    def run_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``runs`` as the CPU kernel takes them (built once a step, shared by the layers)."""
+        return run_table(self.runs)
+
     def gather_index(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """([Bd, L] pool rows, [Bd, L] valid) padded to the longest window, for kernels
         that want one padded batch (CUDA SDPA) rather than slices."""
@@ -244,7 +255,7 @@ def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PagedDecode
     k_rows[:, plan.write_rows] = k.transpose(0, 1)  # k: [Bd, KVH, D] -> [KVH, Bd, D]
     v_rows[:, plan.write_rows] = v.transpose(0, 1)
     if not k_rows.is_cuda:  # CPU: each sequence's runs read in place, no gather
-        return paged_decode_attention(q, k_rows, v_rows, plan.runs)
+        return paged_decode_attention(q, k_rows, v_rows, plan.runs, table=plan.run_table)
     return gathered_decode(q, k_rows, v_rows, plan)  # pragma: no cover - CUDA only
 
 

@@ -1,0 +1,169 @@
+"""CPU kernels of our own, compiled on the machine that runs them: ``ringserve::paged_decode``.
+
+Why a kernel: a decode step attends once per sequence per layer. Through PyTorch that is one
+SDPA call per sequence (a ~35 us floor each, plus the Python around it): 480 calls a step at
+batch 16 on the default model, a third of the step. ``model/csrc/paged_decode.cpp`` does a
+whole layer in one call: it reads each window's runs of pool rows in place, splits the
+(sequence, KV head) pairs over the intra-op threads, and computes each pair in a fixed order,
+so a sequence's result is bit for bit the same alone or in any batch (what the engine promises;
+``tests/test_cpu_kernels.py`` checks it).
+
+How it is built: by the C++ compiler (``$CXX``, else ``c++``) against the installed torch's
+headers, ``-O3 -march=native``, once per machine, torch version and source: the library goes
+to ``$RINGSERVE_KERNEL_CACHE`` (default ``~/.cache/ringserve/kernels``) under a hash of all
+three, built under a file lock and moved into place whole, so replicas starting together build
+it once. About 15 s on 2 cores; ``make setup`` builds it ahead. Where it cannot be built (no
+compiler, an unsupported platform) or ``RINGSERVE_CPU_KERNELS=0`` is set, :func:`paged_decode`
+is None and attention takes its PyTorch path (one warning says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+DISABLE_ENV = "RINGSERVE_CPU_KERNELS"  # "0": never build or use the kernels
+CACHE_ENV = "RINGSERVE_KERNEL_CACHE"
+BUILD_TIMEOUT_S = 600
+
+PagedDecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor, float], torch.Tensor]
+
+_lock = threading.Lock()
+
+
+def kernels_enabled() -> bool:
+    """False where ``RINGSERVE_CPU_KERNELS`` is 0/false/off/no."""
+    return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _cpu_identity() -> str:
+    """The CPU model and feature flags (``-march=native`` code is only good on its like)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    return platform.processor() or platform.machine()
+
+
+def _compile_command(source: Path, output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-std=c++17",
+            "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(source),
+            "-o", str(output), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}"]
+
+
+def _library_path(source: Path) -> Path:
+    key = hashlib.sha256()
+    key.update(source.read_bytes())
+    for part in (torch.__version__, sys.version, _cpu_identity(),
+                 " ".join(_compile_command(Path("src"), Path("out"))[:6])):
+        key.update(part.encode())
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ringserve" / "kernels")
+    return root / key.hexdigest()[:16] / f"{source.stem}.so"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_library(source: Path = SOURCE) -> Path:
+    """The compiled library for ``source`` (built now unless already cached); raises
+    RuntimeError with the compiler's message when it cannot be built."""
+    library = _library_path(source)
+    if library.exists():
+        return library
+    with _file_lock(library.with_suffix(".lock")):
+        if library.exists():  # another process built it while this one waited
+            return library
+        command = _compile_command(source, library)
+        if shutil.which(command[0]) is None:
+            raise RuntimeError(f"no C++ compiler {command[0]!r} on PATH (set CXX)")
+        logger.info("building CPU kernel %s (once per machine and torch version, ~15 s)",
+                    source.name)
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+            partial = Path(scratch) / library.name
+            command = _compile_command(source, partial)
+            try:
+                done = subprocess.run(command, capture_output=True, text=True,
+                                      timeout=BUILD_TIMEOUT_S, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise RuntimeError(f"compiling {source.name} failed: {exc}") from exc
+            if done.returncode != 0:
+                raise RuntimeError(f"compiling {source.name} failed (exit {done.returncode}): "
+                                   f"{done.stderr.strip()[-2000:]}")
+            os.replace(partial, library)
+        logger.info("built %s in %.1f s: %s", source.name, time.monotonic() - started, library)
+    return library
+
+
+@functools.cache
+def _load() -> PagedDecodeKernel | None:
+    if platform.system() != "Linux":
+        logger.warning("CPU kernels are built on Linux only; attention takes PyTorch's path")
+        return None
+    try:
+        torch.ops.load_library(str(build_library()))
+    except (RuntimeError, OSError) as exc:
+        logger.warning("CPU decode-attention kernel unavailable, attention takes PyTorch's "
+                       "(slower) path: %s", exc)
+        return None
+    op: PagedDecodeKernel = torch.ops.ringserve.paged_decode
+    return op
+
+
+def paged_decode() -> PagedDecodeKernel | None:
+    """``torch.ops.ringserve.paged_decode`` (built on first call), or None where it cannot be
+    built or is turned off. Signature: ``(q [B, H, D], k_rows [KVH, P, D], v_rows, run_bounds
+    [R, 2] int64, seq_offsets [B + 1] int64, scale) -> [B, H, D]``, all CPU fp32."""
+    if not kernels_enabled():
+        return None
+    with _lock:
+        return _load()
+
+
+def main() -> int:
+    """``python -m model.cpu_kernels``: build the kernels now (``make setup`` runs this)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not kernels_enabled():
+        print(f"CPU kernels turned off ({DISABLE_ENV}=0)")
+        return 0
+    kernel = paged_decode()
+    print("CPU decode-attention kernel:", "ready" if kernel is not None
+          else "unavailable (attention takes PyTorch's path; see the warning above)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

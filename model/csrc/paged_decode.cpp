@@ -1,0 +1,190 @@
+// ringserve::paged_decode - one query token per sequence over its window in the paged KV pool,
+// on CPU, fp32. Built and loaded by model/cpu_kernels.py (see its docstring for why).
+//
+// q [B, H, D]; k_rows, v_rows [KVH, P, D] (one layer's pool as rows, last dim dense);
+// run_bounds [R, 2] int64: [start, stop) pool-row runs; seq_offsets [B + 1] int64: sequence b's
+// window is runs seq_offsets[b] .. seq_offsets[b + 1] - 1, in position order. Query head
+// h * G + g (G = H / KVH) attends with KV head h. Returns [B, H, D]:
+// softmax(q k^T * scale) v over the window's rows.
+//
+// Batch invariance: each (sequence, KV head) pair is computed by the same code in the same
+// order whatever else is in the batch and whichever thread runs it - lanes of 16 floats in a
+// fixed order, each lane sum by a fixed tree - so a sequence's result is bit for bit the same
+// alone or in any batch. Two passes: scores for every row, then an exact max, exp, sum and
+// the weighted sum of V (no online rescaling, so no order depends on block sizes).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+constexpr int LANES = 16;
+constexpr int MAX_GROUP = 16;     // query heads per KV head
+constexpr int MAX_DIM_VECS = 16;  // head dim <= 16 * LANES = 256
+// below this many (row, KV head) pairs in the whole step, one thread: a second thread's
+// fork and join cost more than the work (a batch-1 step over a 250-token window is 750)
+constexpr int64_t PARALLEL_MIN_ROW_HEADS = 4096;
+
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+typedef float vf2 __attribute__((vector_size(2 * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{} + x; }
+
+// the lanes' sum by a fixed tree (halves, quarters, ...): the same order on every call
+inline float lane_sum(vf v) {
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
+                __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const vf2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+// exp(x) lane by lane for x <= 0 (scores minus their max): 2^n p(r), r = x - n ln2 (ln2 in
+// two parts), p the degree-6 Taylor-fitted polynomial of Cephes' expf (relative error ~2e-7);
+// x below -87 is taken as -87 (exp ~1.6e-38, a weight that vanishes beside the max's 1)
+inline vf exp_nonpositive(vf x) {
+  const vf lowest = splat(-87.0f);
+  x = x < lowest ? lowest : x;
+  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (x * 1.44269504088896341f + shifter) - shifter;
+  vf r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = splat(1.98756912e-4f);
+  p = p * r + 1.39819730e-3f;
+  p = p * r + 8.33345205e-3f;
+  p = p * r + 4.16657962e-2f;
+  p = p * r + 1.66666657e-1f;
+  p = p * r + 5.0e-1f;
+  p = p * r * r + r + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at::Tensor& v_rows,
+                        const at::Tensor& run_bounds, const at::Tensor& seq_offsets,
+                        double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_rows.device().is_cpu() && v_rows.device().is_cpu(),
+              "paged_decode: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_rows.scalar_type() == at::kFloat &&
+              v_rows.scalar_type() == at::kFloat, "paged_decode: float32 tensors only");
+  TORCH_CHECK(run_bounds.scalar_type() == at::kLong && seq_offsets.scalar_type() == at::kLong,
+              "paged_decode: int64 run bounds and offsets");
+  TORCH_CHECK(q.dim() == 3 && k_rows.dim() == 3 && v_rows.dim() == 3,
+              "paged_decode: q [B, H, D], k_rows and v_rows [KVH, P, D]");
+  TORCH_CHECK(k_rows.sizes() == v_rows.sizes() && k_rows.size(2) == q.size(2),
+              "paged_decode: k_rows, v_rows and q disagree on shapes");
+  TORCH_CHECK(k_rows.stride(2) == 1 && v_rows.stride(2) == 1,
+              "paged_decode: the rows' last dimension must be dense");
+  const at::Tensor qc = q.contiguous();
+  const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2);
+  const int64_t KVH = k_rows.size(0), P = k_rows.size(1);
+  TORCH_CHECK(KVH > 0 && H % KVH == 0 && H / KVH <= MAX_GROUP,
+              "paged_decode: query heads must be a multiple (at most 16x) of KV heads");
+  TORCH_CHECK(D % LANES == 0 && D / LANES <= MAX_DIM_VECS,
+              "paged_decode: head dim must be a multiple of 16, at most 256");
+  const at::Tensor bounds = run_bounds.contiguous();
+  const at::Tensor offsets = seq_offsets.contiguous();
+  TORCH_CHECK(bounds.dim() == 2 && bounds.size(1) == 2 && offsets.dim() == 1 &&
+              offsets.size(0) == B + 1, "paged_decode: run_bounds [R, 2], seq_offsets [B + 1]");
+  const int64_t* bp = bounds.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(op[0] == 0 && op[B] == bounds.size(0), "paged_decode: offsets must span the runs");
+  int64_t rows_total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(op[b] <= op[b + 1], "paged_decode: offsets must not decrease");
+    int64_t length = 0;
+    for (int64_t r = op[b]; r < op[b + 1]; ++r) {
+      TORCH_CHECK(0 <= bp[2 * r] && bp[2 * r] <= bp[2 * r + 1] && bp[2 * r + 1] <= P,
+                  "paged_decode: a run lies outside the pool");
+      length += bp[2 * r + 1] - bp[2 * r];
+    }
+    TORCH_CHECK(length > 0, "paged_decode: every sequence needs at least one row");
+    rows_total += length;
+  }
+  at::Tensor out = at::empty_like(qc);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k_rows.data_ptr<float>();
+  const float* vp = v_rows.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  const int64_t ks0 = k_rows.stride(0), ks1 = k_rows.stride(1);
+  const int64_t vs0 = v_rows.stride(0), vs1 = v_rows.stride(1);
+  const int64_t G = H / KVH, DV = D / LANES;
+  const float fscale = static_cast<float>(scale);
+  const int64_t grain = rows_total * KVH < PARALLEL_MIN_ROW_HEADS ? B * KVH : 1;
+
+  at::parallel_for(0, B * KVH, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;  // [G, padded]: scores, then softmax weights
+    vf qv[MAX_GROUP][MAX_DIM_VECS];
+    vf acc[MAX_GROUP][MAX_DIM_VECS];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / KVH, h = item % KVH;
+      int64_t length = 0;
+      for (int64_t r = op[b]; r < op[b + 1]; ++r) length += bp[2 * r + 1] - bp[2 * r];
+      const int64_t padded = (length + LANES - 1) / LANES * LANES;
+      scores.assign(G * padded, 0.0f);
+      const float* qh = qp + (b * H + h * G) * D;  // the G query heads of KV head h
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < DV; ++i) qv[g][i] = load(qh + g * D + i * LANES) * fscale;
+      int64_t col = 0;
+      for (int64_t r = op[b]; r < op[b + 1]; ++r) {
+        for (int64_t row = bp[2 * r]; row < bp[2 * r + 1]; ++row, ++col) {
+          const float* krow = kp + h * ks0 + row * ks1;
+          vf kv[MAX_DIM_VECS];
+          for (int64_t i = 0; i < DV; ++i) kv[i] = load(krow + i * LANES);
+          for (int64_t g = 0; g < G; ++g) {
+            vf dot = qv[g][0] * kv[0];
+            for (int64_t i = 1; i < DV; ++i) dot += qv[g][i] * kv[i];
+            scores[g * padded + col] = lane_sum(dot);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * padded;
+        float top = s[0];
+        for (int64_t i = 1; i < length; ++i) top = s[i] > top ? s[i] : top;
+        for (int64_t i = 0; i < padded; i += LANES) store(s + i, exp_nonpositive(load(s + i) - top));
+        for (int64_t i = length; i < padded; ++i) s[i] = 0.0f;  // padding weighs nothing
+        vf total = vf{};
+        for (int64_t i = 0; i < padded; i += LANES) total += load(s + i);
+        const float inverse = 1.0f / lane_sum(total);
+        for (int64_t i = 0; i < padded; i += LANES) store(s + i, load(s + i) * inverse);
+        for (int64_t i = 0; i < DV; ++i) acc[g][i] = vf{};
+      }
+      col = 0;
+      for (int64_t r = op[b]; r < op[b + 1]; ++r) {
+        for (int64_t row = bp[2 * r]; row < bp[2 * r + 1]; ++row, ++col) {
+          const float* vrow = vp + h * vs0 + row * vs1;
+          vf vv[MAX_DIM_VECS];
+          for (int64_t i = 0; i < DV; ++i) vv[i] = load(vrow + i * LANES);
+          for (int64_t g = 0; g < G; ++g) {
+            const vf weight = splat(scores[g * padded + col]);
+            for (int64_t i = 0; i < DV; ++i) acc[g][i] += weight * vv[i];
+          }
+        }
+      }
+      float* o = outp + (b * H + h * G) * D;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < DV; ++i) store(o + g * D + i * LANES, acc[g][i]);
+    }
+  });
+  return out;
+}
+}  // namespace
+
+TORCH_LIBRARY(ringserve, m) {
+  m.def("paged_decode(Tensor q, Tensor k_rows, Tensor v_rows, Tensor run_bounds, "
+        "Tensor seq_offsets, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ringserve, CPU, m) { m.impl("paged_decode", &paged_decode); }

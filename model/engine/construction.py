@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from model import cpu_kernels
 from model.config import ModelConfig
 from model.default_model import default_model_path, model_name_for
 from model.engine.types import EngineRequestError
@@ -114,6 +115,8 @@ def build_engine_parts(args: EngineArgs) -> EngineParts:
     max_model_len = args.max_model_len or min(config.max_position_embeddings,
                                               DEFAULT_MAX_MODEL_LEN)
     cache = _cache_pool(args, config, max_model_len, dtype, device)
+    if device.type == "cpu" and dtype == torch.float32:
+        cpu_kernels.paged_decode()  # build or load it now, not in the first request's step
     scheduler_config = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),

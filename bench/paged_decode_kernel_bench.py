@@ -10,8 +10,10 @@ Two parts, in one process, printed only (asserts nothing):
 2. **Engine decode steps** (``--engine``, the default): the embedded default model at the
    serving defaults (``quantization=auto``, ``--threads`` torch threads), ``--batch`` greedy
    sequences with ``--prompt``-token prompts decoding; ``Engine.step()`` timed with the
-   kernel on and off in alternating blocks of steps (so a shared box's noise hits both
-   alike), median step ms of each and their ratio. Greedy tokens of both runs are compared.
+   attention kernel on and off (``RINGSERVE_CPU_KERNELS``, read per call; the model's int4
+   and q8 linears stay what the engine was built with) in alternating passes (so a shared
+   box's noise hits both alike), median step ms of each and their ratio. Greedy tokens of
+   both runs are compared.
 
     python -m bench.paged_decode_kernel_bench [--batches 1,16] [--lengths 64,250,1000]
         [--rounds 30] [--engine-batches 1,16] [--prompt 250] [--steps 60] [--threads 2]

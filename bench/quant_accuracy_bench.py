@@ -16,7 +16,8 @@ the same with ``dense_prefill`` off (the int4 kernel for prompt tokens too); ``i
 ``--quantization int8x2`` serves (two int8 planes per weight, ~15-bit weights, same kernel);
 ``int8-weights`` runs fp32 matmuls over the int8-rounded weights (isolates the weight rounding
 from the activation rounding);
-``int8-fp32-head`` is int8 with the LM head left in fp32.
+``int8-fp32-head`` is int8 with the LM head left in fp32, ``int4-fp32-head`` and
+``int4-no-dense-fp32-head`` the same for int4 (they isolate the int8 head's rounding).
 
     python -m bench.quant_accuracy_bench [--tokens 2048] [--window 512] [--threads N]
                                          [--variants int8,int8x2,int8-weights]
@@ -130,12 +131,12 @@ def main() -> None:
     rows = [("fp32", ref_ppl, len(PROMPTS))]
     for variant in args.variants.split(","):
         if variant not in ("int8", "int8x2", "int4", "int4-no-dense", "int8-weights",
-                           "int8-fp32-head"):
+                           "int8-fp32-head", "int4-fp32-head", "int4-no-dense-fp32-head"):
             raise SystemExit(f"unknown variant {variant!r}")
         quantization = {"int8-weights": "none", "int8x2": "int8x2",
-                        "int4": "int4", "int4-no-dense": "int4"}.get(variant, "int8")
-        engine = _engine(quantization, variant == "int8-weights", variant == "int8-fp32-head",
-                         dense_prefill=variant != "int4-no-dense")
+                        }.get(variant, "int4" if variant.startswith("int4") else "int8")
+        engine = _engine(quantization, variant == "int8-weights", variant.endswith("fp32-head"),
+                         dense_prefill="no-dense" not in variant)
         ppl = perplexity(engine.model, text_ids, args.window)
         same = sum(a == b for a, b in zip(greedy_texts(engine, args.max_tokens), ref_greedy,
                                           strict=True))

@@ -1,28 +1,30 @@
-"""Int4 weights on CPU: group-wise 4-bit codes, PyTorch's int4 matmul with bf16 activations.
+"""Int4 weights on CPU: group-wise 4-bit codes, fp32 activations through our kernel.
 
 A weight [out, in] is stored in groups of :data:`GROUP_SIZE` inputs per output row: 4-bit
-codes q in 0..15, one scale s and one zero z per group, ``W ≈ (q - 8) * s + z`` (the formula
-of ``torch.ops.aten._weight_int4pack_mm_for_cpu``). The codes are packed by
-``_convert_weight_to_int4pack_for_cpu``; the matmul takes bf16 activations and returns bf16
-(its AVX-512 BF16 path; with fp32 or fp16 activations the same op is ~25x slower here).
-
-The form, :func:`quantize_int4`, is asymmetric 4 bits per group (``s = (max - min) / 15``,
+codes q in 0..15, one scale s and one zero z per group, ``W ≈ (q - 8) * s + z``. The form,
+:func:`quantize_int4`, is asymmetric 4 bits per group (``s = (max - min) / 15``,
 ``z = min + 8 s``): the form of GGUF's ``Q4_1`` (groups of 32, ``w = d q + m``), which it
 reproduces exactly from the dequantized values, since Q4_1 maps each group's min to code 0
-and its max to code 15. The decoder projections use it. The model's LM head is int8
-instead (one fbgemm plane, fp32 logits; model/transformer.py): it first ran here as two int4
-planes of a Q8_0 code, and its bf16 logits proved the main source of greedy flips.
+and its max to code 15.
 
-The kernel rounds its inputs and outputs to bf16 (8-bit mantissas), the scales and zeros too;
-the residual stream, norms, attention and the KV cache stay fp32. Prompt tokens can take a
-bf16 dense copy of the weight instead (:class:`Int4Projection` ``dense``; faster at prefill
-sizes). Accuracy against the fp32 model (bench/quant_accuracy_bench.py, default model,
-2026-12-02), greedy 32-token continuations identical of 20: int4 everywhere with an int4 head
-14 (perplexity +0.10%); with the dense prompt copies 15; with those and an int8x2 head 17,
-perplexity -0.06%; with an int8 head (what the model builds, 3x faster than int8x2) 17,
-perplexity -0.07%. Simulated one rounding at a time with fp32 matmuls:
-bf16 outputs alone leave 12 of 20 identical, bf16 scales and zeros 15, bf16 inputs 19; the
-kernel has no fp32 output. Speed: bench/decode_step_bench.py (variant int4).
+The matmul is ours, ``ringserve::int4_linear`` (model/csrc/group_linear.cpp, built by
+model/cpu_kernels.py), over :class:`KernelInt4`: ``W = d * q + m`` with fp16 d and m (a Q4_1
+file's own, so its weights come through exactly), fp32 activations and results, each output
+summed in a fixed order (batch-invariant). Where our kernels are not built it is PyTorch's
+``_weight_int4pack_mm_for_cpu``, which rounds inputs, outputs, scales and zeros to bf16 (its
+AVX-512 BF16 path; fp32 activations there run ~25x slower). Prompt tokens can take a bf16
+dense copy of the weight instead (:class:`Int4Projection` ``dense``; faster at prefill
+sizes). The model's LM head is not int4 but Q8_0-form int8 (model/q8.py; fbgemm int8 without
+our kernels).
+
+Accuracy against the fp32 model (bench/quant_accuracy_bench.py, default model, greedy 32-token
+continuations identical of 20, perplexity on 2048 tokens): with our kernels (int4 decoder
+projections, Q8_0 head, bf16 dense prompt copies) 20/20, perplexity -0.06%. With PyTorch's
+kernels and fbgemm's int8 head: 17/20 on 2026-12-02, 14/20 after the decode attention moved to
+per-sequence SDPA and 15/20 with our attention kernel (2026-12-03): bf16 rounding and the int8
+head's quantized activations left near-ties to whichever attention rounding came along; with
+the fp32 head instead of fbgemm's, 20/20 again. Speed: bench/paged_decode_kernel_bench.py and
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model import cpu_kernels
 from model.quantization import QuantizationError
 
 GROUP_SIZE = 32  # inputs per scale/zero group: GGUF's Q4_1 / Q8_0 block size
@@ -111,6 +114,36 @@ def int4_kernel_available() -> bool:
     return True
 
 
+KERNEL_BLOCK = 16  # outputs per block of ringserve::int4_linear's layout
+
+
+@dataclass(frozen=True)
+class KernelInt4:
+    """An :class:`Int4Weight` in the layout of our kernel ``ringserve::int4_linear``
+    (model/csrc/int4_linear.cpp): codes [N / 16, K, 8] uint8 (byte j of block b, input k: the
+    codes of outputs 16 b + j, low nibble, and 16 b + j + 8, high nibble) and d, m
+    [N / 16, K / 32, 16] fp16 with ``W = d * code + m`` (GGUF Q4_1's form: a Q4_1 file's fp16
+    d and m come through exactly)."""
+
+    codes: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+
+    @classmethod
+    def pack(cls, weight: Int4Weight) -> KernelInt4:
+        out, in_features = weight.codes.shape
+        blocks, groups = out // KERNEL_BLOCK, in_features // GROUP_SIZE
+        codes = weight.codes.view(blocks, KERNEL_BLOCK, in_features).permute(0, 2, 1)  # [NB, K, 16]
+        half = KERNEL_BLOCK // 2
+        packed = (codes[..., :half] | (codes[..., half:] << 4)).contiguous()  # [NB, K, 8]
+
+        def per_block(t: torch.Tensor) -> torch.Tensor:  # [N, K / G] -> [NB, K / G, 16] fp16
+            return t.view(blocks, KERNEL_BLOCK, groups).permute(0, 2, 1).to(
+                torch.float16).contiguous()
+
+        return cls(packed, per_block(weight.scale), per_block(weight.zero - 8 * weight.scale))
+
+
 class PromptRows:
     """Which rows of the step's activations are prompt tokens (set by the model per forward,
     shared by its projections): those go through a projection's bf16 dense copy, if it has
@@ -139,11 +172,19 @@ class Int4Projection(nn.Module):
         super().__init__()
         check_groupable(weight.codes)
         self.out_features, self.in_features = weight.codes.shape
-        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            weight.codes.to(torch.int32), _INNER_K_TILES)
-        # [in / G, out, 2]: the kernel's scale-and-zero layout
-        self._scales_and_zeros = torch.stack(
-            (weight.scale.t(), weight.zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+        # our kernel where it is built (fp32 in and out); else PyTorch's (bf16 in and out)
+        self._kernel = cpu_kernels.int4_linear()
+        self._kernel_weight: KernelInt4 | None = None
+        self._packed: torch.Tensor | None = None
+        self._scales_and_zeros: torch.Tensor | None = None
+        if self._kernel is not None:
+            self._kernel_weight = KernelInt4.pack(weight)
+        else:
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                weight.codes.to(torch.int32), _INNER_K_TILES)
+            # [in / G, out, 2]: the kernel's scale-and-zero layout
+            self._scales_and_zeros = torch.stack(
+                (weight.scale.t(), weight.zero.t()), dim=-1).to(torch.bfloat16).contiguous()
         self.prompt_rows = prompt_rows or PromptRows()
         self._dense_t: torch.Tensor | None = None  # [in, out] bf16
         if dense:
@@ -155,6 +196,10 @@ class Int4Projection(nn.Module):
         return self._dense_t is not None
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None and self._kernel_weight is not None:
+            w = self._kernel_weight
+            return self._kernel(x.contiguous(), w.codes, w.d, w.m)
+        assert self._packed is not None and self._scales_and_zeros is not None
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), self._packed, GROUP_SIZE, self._scales_and_zeros).float()
 

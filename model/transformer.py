@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import int4
+from model import int4, q8
 from model.attention import decode_attention, decode_attention_per_slot, prefill_attention
 from model.config import ModelConfig
 from model.kv_cache import (
@@ -212,10 +212,11 @@ class Transformer(nn.Module):
         quantized here. Unquantized, int8 inputs are dequantized. ``quantization="int4"``
         makes every projection an :class:`~model.int4.Int4Projection` (4-bit groups, as loaded
         when ``zeros`` holds the weight's group zeros, else quantized here); its LM head is
-        int8 (:class:`~model.quantization.Int8Projection`, one int8 plane, fp32 output): the
-        int4 kernel's bf16 logits moved greedy near-ties (15 of 20 continuations as fp32's, 17
-        of 20 with this head, as with two int8 planes, bench/quant_accuracy_bench.py); one
-        plane takes 0.8 ms at batch 1 where two took 2.3 ms. ``dense_prefill`` (int4 only)
+        Q8_0-form int8 through our kernel (:class:`~model.q8.Q8Projection`, fp32 activations
+        and logits; a Q8_0 embedding's own weights), or where our kernels are not built
+        fbgemm's int8 (:class:`~model.quantization.Int8Projection`, one plane, fp32 output):
+        an int4 head's bf16 logits moved greedy near-ties (bench/quant_accuracy_bench.py,
+        model/int4.py has the figures). ``dense_prefill`` (int4 only)
         gives every decoder projection a bf16 dense copy for prompt tokens (see
         :class:`~model.int4.Int4Projection`).
         """
@@ -255,7 +256,9 @@ class Transformer(nn.Module):
             if quantization == "int4":
                 projection: nn.Module
                 if module_name == "lm_head":  # int8, fp32 logits: see the docstring
-                    projection = Int8Projection(quantize_planes(fp32(parts[0]), 1))
+                    head = fp32(parts[0])
+                    projection = (q8.Q8Projection(head) if q8.q8_supported(head)
+                                  else Int8Projection(quantize_planes(head, 1)))
                 else:
                     projection = int4.Int4Projection(int4.concat_rows([
                         int4.Int4Weight(tensors[n], scales[n], zeros[n]) if n in zeros

@@ -1,5 +1,6 @@
-"""The CPU decode-attention kernel (model/cpu_kernels.py) against an fp64 reference, its batch
-invariance (bit for bit), its argument checks, and the PyTorch fallback it can be turned off to.
+"""Our CPU kernels (model/cpu_kernels.py): decode attention and the int4 / Q8_0 linears
+against fp64 references, their batch invariance (bit for bit), their argument checks, and the
+PyTorch fallbacks they can be turned off to.
 
 The kernel is built here as on any machine with a C++ compiler; where it cannot be built the
 kernel tests skip with the build's reason (the fallback tests still run).
@@ -13,7 +14,7 @@ import random
 import pytest
 import torch
 
-from model import cpu_kernels
+from model import cpu_kernels, int4, q8
 from model.attention import paged_decode_attention, run_table, sdpa_paged_decode_attention
 
 # The kernel computes in fp32 with a polynomial exp (relative error ~2e-7): against an fp64
@@ -157,9 +158,133 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch: pytest.MonkeyPatch) -> N
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(RuntimeError, match="compiling broken.cpp failed"):
-        cpu_kernels.build_library(broken)
+    with pytest.raises(RuntimeError, match="compiling broken failed.*broken.cpp"):
+        cpu_kernels.build_library([broken], "broken")
     assert not list((tmp_path / "cache").rglob("*.so"))
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-        cpu_kernels.build_library(broken)
+        cpu_kernels.build_library([broken], "broken")
+
+
+# The group-quantized linears -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def linear_kernels() -> None:
+    if cpu_kernels.int4_linear() is None or cpu_kernels.q8_linear() is None:
+        pytest.skip("the CPU kernels could not be built here (see the warning in the log)")
+
+
+def kernel_int4_reference(weight: int4.Int4Weight) -> torch.Tensor:
+    """The fp32 weight the int4 kernel computes with: d and m rounded to fp16, as packed."""
+    packed = int4.KernelInt4.pack(weight)
+    blocks, groups, _ = packed.d.shape
+    d = packed.d.permute(0, 2, 1).reshape(blocks * 16, groups).float()
+    m = packed.m.permute(0, 2, 1).reshape(blocks * 16, groups).float()
+    out, in_features = weight.codes.shape
+    return (weight.codes.float().view(out, groups, 32) * d[..., None] + m[..., None]).view(
+        out, in_features)
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(576, 960), (1536, 576), (64, 48)])
+def test_int4_linear_matches_its_weights_in_fp64(linear_kernels: None, in_features: int,
+                                                 out_features: int) -> None:
+    torch.manual_seed(in_features)
+    weight = int4.quantize_int4(torch.randn(out_features, in_features) * 0.05)
+    reference = kernel_int4_reference(weight).double()
+    packed = int4.KernelInt4.pack(weight)
+    kernel = cpu_kernels.int4_linear()
+    assert kernel is not None
+    for rows in (1, 3, 16, 37):
+        x = torch.randn(rows, in_features)
+        got = kernel(x, packed.codes, packed.d, packed.m)
+        assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+        expected = x.double() @ reference.T
+        # fp32 sums of in_features products: a few ulp of the sum's magnitude
+        torch.testing.assert_close(got.double(), expected, atol=1e-5 * in_features ** 0.5,
+                                   rtol=1e-5)
+
+
+def test_group_linears_are_batch_invariant_bit_for_bit(linear_kernels: None) -> None:
+    """A row's output is the same bits alone or among 1..40 rows, first, middle or last, at
+    1 or 2 threads: the row tiles (16 rows) and thread splits never change its sums."""
+    torch.manual_seed(5)
+    weight = torch.randn(96, 192) * 0.05
+    packed = int4.KernelInt4.pack(int4.quantize_int4(weight))
+    head = q8.Q8Weight.quantize(weight)
+    int4_op, q8_op = cpu_kernels.int4_linear(), cpu_kernels.q8_linear()
+    assert int4_op is not None and q8_op is not None
+    calls = {"int4": lambda x: int4_op(x, packed.codes, packed.d, packed.m),
+             "q8": lambda x: q8_op(x, head.codes, head.d)}
+    x = torch.randn(40, 192)
+    threads = torch.get_num_threads()
+    try:
+        for name, call in calls.items():
+            alone = torch.cat([call(x[i:i + 1]) for i in range(len(x))])
+            for num_threads in sorted({1, 2, threads}):
+                torch.set_num_threads(num_threads)
+                for rows in (2, 15, 16, 17, 33, 40):
+                    assert torch.equal(call(x[:rows]), alone[:rows]), (name, rows)
+                    assert torch.equal(call(x[-rows:]), alone[-rows:]), (name, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_q8_reproduces_a_q8_0_tensor_exactly_and_matches_fp64(linear_kernels: None) -> None:
+    """fp32 values that came from Q8_0 groups (fp16 d, codes -127..127 with a +-127 in each
+    group, as GGUF writes them) quantize back to the same codes and scales, so the head
+    computes with the file's own weights."""
+    torch.manual_seed(9)
+    out_features, in_features = 64, 128
+    d = (torch.rand(out_features, in_features // 32) * 0.01 + 1e-4).half().float()
+    codes = torch.randint(-127, 128, (out_features, in_features // 32, 32))
+    codes[..., 0] = 127 * torch.where(torch.rand(out_features, in_features // 32) < 0.5, 1, -1)
+    weight = (codes.float() * d[..., None]).view(out_features, in_features)
+    packed = q8.Q8Weight.quantize(weight)
+    assert torch.equal(packed.dequantize(), weight)
+    kernel = cpu_kernels.q8_linear()
+    assert kernel is not None
+    x = torch.randn(7, in_features)
+    torch.testing.assert_close(kernel(x, packed.codes, packed.d).double(),
+                               x.double() @ weight.double().T, atol=1e-5, rtol=1e-5)
+    projection = q8.Q8Projection(weight)
+    torch.testing.assert_close(projection(x[None]).double()[0], x.double() @ weight.double().T,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_group_linears_reject_bad_layouts(linear_kernels: None) -> None:
+    packed = int4.KernelInt4.pack(int4.quantize_int4(torch.randn(32, 64)))
+    int4_op, q8_op = cpu_kernels.int4_linear(), cpu_kernels.q8_linear()
+    assert int4_op is not None and q8_op is not None
+    with pytest.raises(RuntimeError, match="disagree on K"):
+        int4_op(torch.randn(2, 96), packed.codes, packed.d, packed.m)
+    with pytest.raises(RuntimeError, match="float32"):
+        int4_op(torch.randn(2, 64).double(), packed.codes, packed.d, packed.m)
+    with pytest.raises(RuntimeError, match="float16"):
+        int4_op(torch.randn(2, 64), packed.codes, packed.d.float(), packed.m)
+    head = q8.Q8Weight.quantize(torch.randn(32, 64))
+    with pytest.raises(RuntimeError, match="int8"):
+        q8_op(torch.randn(2, 64), head.codes.to(torch.uint8), head.d)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        q8.Q8Weight.quantize(torch.randn(20, 64))
+
+
+def test_int4_projection_takes_the_kernel_or_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Int4Projection computes with our kernel when it is built (fp32 results) and with
+    PyTorch's bf16 kernel when the kernels are off; both near the dequantized weight."""
+    torch.manual_seed(2)
+    weight = int4.quantize_int4(torch.randn(64, 128) * 0.05)
+    x = torch.randn(5, 128)
+    expected = x.double() @ weight.dequantize().double().T
+    built = cpu_kernels.int4_linear() is not None
+    ours = int4.Int4Projection(weight)  # our kernel where built: fp32 all the way
+    if built:  # its weights: fp16 d and m
+        torch.testing.assert_close(ours(x).double(),
+                                   x.double() @ kernel_int4_reference(weight).double().T,
+                                   atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours(x).double(), expected, atol=5e-2, rtol=2e-2)
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
+    if int4.int4_kernel_available():  # PyTorch's: bf16 inputs and outputs
+        theirs = int4.Int4Projection(weight)
+        torch.testing.assert_close(theirs(x).double(), expected, atol=5e-2, rtol=2e-2)
+        if built:
+            assert not torch.equal(theirs(x), ours(x))

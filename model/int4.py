@@ -120,7 +120,7 @@ KERNEL_BLOCK = 16  # outputs per block of ringserve::int4_linear's layout
 @dataclass(frozen=True)
 class KernelInt4:
     """An :class:`Int4Weight` in the layout of our kernel ``ringserve::int4_linear``
-    (model/csrc/int4_linear.cpp): codes [N / 16, K, 8] uint8 (byte j of block b, input k: the
+    (model/csrc/group_linear.cpp): codes [N / 16, K, 8] uint8 (byte j of block b, input k: the
     codes of outputs 16 b + j, low nibble, and 16 b + j + 8, high nibble) and d, m
     [N / 16, K / 32, 16] fp16 with ``W = d * code + m`` (GGUF Q4_1's form: a Q4_1 file's fp16
     d and m come through exactly)."""
@@ -142,6 +142,18 @@ class KernelInt4:
                 torch.float16).contiguous()
 
         return cls(packed, per_block(weight.scale), per_block(weight.zero - 8 * weight.scale))
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight [N, K] the kernel computes with (d and m as fp16)."""
+        blocks, in_features, _ = self.codes.shape
+        out = blocks * KERNEL_BLOCK
+        codes = torch.cat((self.codes & 15, self.codes >> 4), dim=2)  # [NB, K, 16]
+        codes = codes.permute(0, 2, 1).reshape(out, in_features // GROUP_SIZE, GROUP_SIZE)
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:  # [NB, K / G, 16] -> [N, K / G, 1]
+            return t.permute(0, 2, 1).reshape(out, -1, 1).float()
+
+        return (codes.float() * per_row(self.d) + per_row(self.m)).view(out, in_features)
 
 
 class PromptRows:
@@ -196,9 +208,10 @@ class Int4Projection(nn.Module):
         return self._dense_t is not None
 
     def _int4(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None and self._kernel_weight is not None:
+        if self._kernel_weight is not None:
+            assert self._kernel is not None  # set together in __init__
             w = self._kernel_weight
-            return self._kernel(x.contiguous(), w.codes, w.d, w.m)
+            return self._kernel(x, w.codes, w.d, w.m)
         assert self._packed is not None and self._scales_and_zeros is not None
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.to(torch.bfloat16), self._packed, GROUP_SIZE, self._scales_and_zeros).float()

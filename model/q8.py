@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from model import cpu_kernels
+from model.int4 import GROUP_SIZE  # GGUF's block size, Q8_0's as Q4_1's
+from model.int4 import KERNEL_BLOCK as BLOCK  # outputs per block, both kernels' layout
 
-GROUP_SIZE = 32
-BLOCK = 16  # outputs per block of the kernel's layout
 Q8_LEVELS = 127
 
 
@@ -77,7 +77,7 @@ class Q8Projection(nn.Module):
         self.weight = Q8Weight.quantize(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).contiguous()
+        flat = x.reshape(-1, self.in_features)  # the kernel makes it contiguous
         out = self._kernel(flat, self.weight.codes, self.weight.d)
         return out.view(*x.shape[:-1], self.out_features)
 

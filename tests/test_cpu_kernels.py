@@ -177,12 +177,15 @@ def linear_kernels() -> None:
 def kernel_int4_reference(weight: int4.Int4Weight) -> torch.Tensor:
     """The fp32 weight the int4 kernel computes with: d and m rounded to fp16, as packed."""
     packed = int4.KernelInt4.pack(weight)
-    blocks, groups, _ = packed.d.shape
-    d = packed.d.permute(0, 2, 1).reshape(blocks * 16, groups).float()
-    m = packed.m.permute(0, 2, 1).reshape(blocks * 16, groups).float()
+    # the packing's own unpacking agrees with the codes it started from
+    scale16 = weight.scale.half().float()
+    low16 = (weight.zero - 8 * weight.scale).half().float()
     out, in_features = weight.codes.shape
-    return (weight.codes.float().view(out, groups, 32) * d[..., None] + m[..., None]).view(
-        out, in_features)
+    expected = (weight.codes.float().view(out, -1, 32) * scale16[..., None]
+                + low16[..., None]).view(out, in_features)
+    dequantized = packed.dequantize()
+    assert torch.equal(dequantized, expected)
+    return dequantized
 
 
 @pytest.mark.parametrize(("in_features", "out_features"), [(576, 960), (1536, 576), (64, 48)])

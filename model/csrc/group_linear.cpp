@@ -140,10 +140,12 @@ TileFn<Block> tile_fn(int tile, std::integer_sequence<int, T...>) {
   return table[tile - 1];
 }
 
-// out [M, N] = x [M, K] @ W^T over N / 16 blocks, each block's weights from make_block(b)
+// x [M, K] @ W^T -> [M, N] over N / 16 blocks, each block's weights from make_block(b)
 template <class Block, class MakeBlock>
-void run_blocks(const at::Tensor& xc, at::Tensor& out, int64_t blocks, MakeBlock make_block) {
+at::Tensor run_blocks(const at::Tensor& x, int64_t blocks, MakeBlock make_block) {
+  const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = blocks * LANES;
+  at::Tensor out = at::empty({M, N}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   // ~16 K weights a block: a few blocks per task keep a thread's fork worth its work
@@ -156,6 +158,7 @@ void run_blocks(const at::Tensor& xc, at::Tensor& out, int64_t blocks, MakeBlock
       }
     }
   });
+  return out;
 }
 
 void check_x(const at::Tensor& x, const at::Tensor& codes, int64_t code_bytes, const char* op) {
@@ -177,15 +180,12 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   check_x(x, codes, LANES, "q8_linear");
   TORCH_CHECK(codes.scalar_type() == at::kChar, "q8_linear: codes int8");
   check_scales(d, codes, "q8_linear");
-  const at::Tensor xc = x.contiguous();
-  const int64_t blocks = codes.size(0), K = x.size(1);
-  at::Tensor out = at::empty({x.size(0), blocks * LANES}, x.options());
+  const int64_t K = x.size(1);
   const int8_t* cp = codes.data_ptr<int8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
-  run_blocks<Q8Block>(xc, out, blocks, [&](int64_t b) {
+  return run_blocks<Q8Block>(x, codes.size(0), [&](int64_t b) {
     return Q8Block{cp + b * K * LANES, dp + b * (K / GROUP) * LANES, vf{}};
   });
-  return out;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d,
@@ -194,17 +194,14 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   TORCH_CHECK(codes.scalar_type() == at::kByte, "int4_linear: codes uint8");
   check_scales(d, codes, "int4_linear");
   check_scales(m, codes, "int4_linear");
-  const at::Tensor xc = x.contiguous();
-  const int64_t blocks = codes.size(0), K = x.size(1);
-  at::Tensor out = at::empty({x.size(0), blocks * LANES}, x.options());
+  const int64_t K = x.size(1);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* mp = m.data_ptr<at::Half>();
-  run_blocks<Int4Block>(xc, out, blocks, [&](int64_t b) {
+  return run_blocks<Int4Block>(x, codes.size(0), [&](int64_t b) {
     const int64_t g = b * (K / GROUP) * LANES;
     return Int4Block{cp + b * K * 8, dp + g, mp + g, vf{}, vf{}};
   });
-  return out;
 }
 }  // namespace
 

@@ -100,6 +100,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at:
   const int64_t* bp = bounds.data_ptr<int64_t>();
   const int64_t* op = offsets.data_ptr<int64_t>();
   TORCH_CHECK(op[0] == 0 && op[B] == bounds.size(0), "paged_decode: offsets must span the runs");
+  std::vector<int64_t> lengths(B);  // rows of each sequence's window
   int64_t rows_total = 0;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(op[b] <= op[b + 1], "paged_decode: offsets must not decrease");
@@ -110,8 +111,15 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at:
       length += bp[2 * r + 1] - bp[2 * r];
     }
     TORCH_CHECK(length > 0, "paged_decode: every sequence needs at least one row");
+    lengths[b] = length;
     rows_total += length;
   }
+  // fn(col, row) for each row of sequence b's window, col = 0, 1, ... in position order
+  auto for_each_row = [&](int64_t b, auto&& fn) {
+    int64_t col = 0;
+    for (int64_t r = op[b]; r < op[b + 1]; ++r)
+      for (int64_t row = bp[2 * r]; row < bp[2 * r + 1]; ++row, ++col) fn(col, row);
+  };
   at::Tensor out = at::empty_like(qc);
   const float* qp = qc.data_ptr<float>();
   const float* kp = k_rows.data_ptr<float>();
@@ -128,27 +136,22 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at:
     vf qv[MAX_GROUP][MAX_DIM_VECS];
     vf acc[MAX_GROUP][MAX_DIM_VECS];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / KVH, h = item % KVH;
-      int64_t length = 0;
-      for (int64_t r = op[b]; r < op[b + 1]; ++r) length += bp[2 * r + 1] - bp[2 * r];
+      const int64_t b = item / KVH, h = item % KVH, length = lengths[b];
       const int64_t padded = (length + LANES - 1) / LANES * LANES;
       scores.assign(G * padded, 0.0f);
       const float* qh = qp + (b * H + h * G) * D;  // the G query heads of KV head h
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < DV; ++i) qv[g][i] = load(qh + g * D + i * LANES) * fscale;
-      int64_t col = 0;
-      for (int64_t r = op[b]; r < op[b + 1]; ++r) {
-        for (int64_t row = bp[2 * r]; row < bp[2 * r + 1]; ++row, ++col) {
-          const float* krow = kp + h * ks0 + row * ks1;
-          vf kv[MAX_DIM_VECS];
-          for (int64_t i = 0; i < DV; ++i) kv[i] = load(krow + i * LANES);
-          for (int64_t g = 0; g < G; ++g) {
-            vf dot = qv[g][0] * kv[0];
-            for (int64_t i = 1; i < DV; ++i) dot += qv[g][i] * kv[i];
-            scores[g * padded + col] = lane_sum(dot);
-          }
+      for_each_row(b, [&](int64_t col, int64_t row) {
+        const float* krow = kp + h * ks0 + row * ks1;
+        vf kv[MAX_DIM_VECS];
+        for (int64_t i = 0; i < DV; ++i) kv[i] = load(krow + i * LANES);
+        for (int64_t g = 0; g < G; ++g) {
+          vf dot = qv[g][0] * kv[0];
+          for (int64_t i = 1; i < DV; ++i) dot += qv[g][i] * kv[i];
+          scores[g * padded + col] = lane_sum(dot);
         }
-      }
+      });
       for (int64_t g = 0; g < G; ++g) {
         float* s = scores.data() + g * padded;
         float top = s[0];
@@ -161,18 +164,15 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at:
         for (int64_t i = 0; i < padded; i += LANES) store(s + i, load(s + i) * inverse);
         for (int64_t i = 0; i < DV; ++i) acc[g][i] = vf{};
       }
-      col = 0;
-      for (int64_t r = op[b]; r < op[b + 1]; ++r) {
-        for (int64_t row = bp[2 * r]; row < bp[2 * r + 1]; ++row, ++col) {
-          const float* vrow = vp + h * vs0 + row * vs1;
-          vf vv[MAX_DIM_VECS];
-          for (int64_t i = 0; i < DV; ++i) vv[i] = load(vrow + i * LANES);
-          for (int64_t g = 0; g < G; ++g) {
-            const vf weight = splat(scores[g * padded + col]);
-            for (int64_t i = 0; i < DV; ++i) acc[g][i] += weight * vv[i];
-          }
+      for_each_row(b, [&](int64_t col, int64_t row) {
+        const float* vrow = vp + h * vs0 + row * vs1;
+        vf vv[MAX_DIM_VECS];
+        for (int64_t i = 0; i < DV; ++i) vv[i] = load(vrow + i * LANES);
+        for (int64_t g = 0; g < G; ++g) {
+          const vf weight = splat(scores[g * padded + col]);
+          for (int64_t i = 0; i < DV; ++i) acc[g][i] += weight * vv[i];
         }
-      }
+      });
       float* o = outp + (b * H + h * G) * D;
       for (int64_t g = 0; g < G; ++g)
         for (int64_t i = 0; i < DV; ++i) store(o + g * D + i * LANES, acc[g][i]);

@@ -34,6 +34,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,10 +82,16 @@ def weight_bytes(model: nn.Module) -> int:
         weight_t = getattr(module, "weight_t", None)
         if isinstance(weight_t, torch.Tensor):
             total += weight_t.numel() * weight_t.element_size()
-        elif hasattr(module, "_scales_and_zeros"):  # Int4Projection: packed 4-bit codes
+        elif getattr(module, "kernel_weights", None) is not None:  # Int4Projection, ours
+            kernel_weights: Any = module.kernel_weights
+            total += sum(t.numel() * t.element_size() for t in kernel_weights)
+        elif hasattr(module, "_scales_and_zeros"):  # Int4Projection: PyTorch's packed codes
             for part in (module._packed, module._scales_and_zeros):
                 assert isinstance(part, torch.Tensor)
                 total += part.numel() * part.element_size()
+        elif hasattr(getattr(module, "weight", None), "codes"):  # Q8Projection: Q8Weight
+            q8_weight: Any = module.weight
+            total += sum(t.numel() * t.element_size() for t in (q8_weight.codes, q8_weight.d))
         elif hasattr(module, "_packed"):  # Int8Projection: int8 values + fp32 row scales
             # duck-typed: the --before ref's Int8Projection is another class (and has no planes)
             planes: int = getattr(module, "planes", 1)

@@ -1,4 +1,5 @@
-"""Our CPU kernels (``ringserve::paged_decode``, ``int4_linear``, ``q8_linear``) vs PyTorch's ops.
+"""Our CPU kernels (``ringserve::paged_decode``, ``int4_linear``, ``q8_linear``, the fused
+``decode_layer``) vs PyTorch's ops.
 
 Two parts, in one process, printed only (asserts nothing):
 
@@ -9,11 +10,13 @@ Two parts, in one process, printed only (asserts nothing):
    the kernel, best of ``--rounds``, and the largest difference between the two.
 2. **Engine decode steps** (unless ``--no-engine``): the embedded default model at the
    serving defaults (``quantization=auto``, ``--threads`` torch threads) built twice, with
-   all our kernels (decode attention, int4 and q8 linears) and with PyTorch's ops
-   (``RINGSERVE_CPU_KERNELS=0``: SDPA, PyTorch's bf16 int4 kernel, fbgemm's int8 head);
+   all our kernels (decode attention, int4 and q8 linears, the decode layer's small ops) and
+   with PyTorch's ops (``RINGSERVE_CPU_KERNELS=0``: SDPA, PyTorch's bf16 int4 kernel,
+   fbgemm's int8 head); ours steps with its decode layers fused (one
+   ``ringserve::decode_layer`` call each) and op by op;
    ``--engine-batches`` greedy sequences with ``--prompt``-token prompts decoding;
    ``Engine.step()`` timed in alternating passes (so a shared box's noise hits both alike),
-   median step ms of each and their ratio; how many sequences' greedy tokens agree.
+   median step ms of each and the ratios; how many sequences' greedy tokens agree.
 
     python -m bench.paged_decode_kernel_bench [--batches 1,16] [--lengths 64,250,1000]
         [--rounds 30] [--engine-batches 1,16] [--prompt 250] [--steps 60] [--threads 2]
@@ -93,33 +96,41 @@ def attention_alone(batches: Sequence[int], lengths: Sequence[int], rounds: int)
 
 def engine_steps(batches: Sequence[int], prompt_len: int, steps: int, threads: int) -> None:
     """Two engines of the default model in this process, one built with our kernels and one
-    with PyTorch's ops (``RINGSERVE_CPU_KERNELS=0`` while it is built and while it steps),
-    stepping in alternating passes."""
+    with PyTorch's ops (``RINGSERVE_CPU_KERNELS=0`` while it is built and while it steps);
+    ours steps twice, with its decode layers fused (``ringserve::decode_layer``) and op by op
+    (``DecoderLayer.fuse_decode = False``); the three take turns pass by pass."""
     from model.engine import Engine
     from model.engine_args import SERVING_QUANTIZATION, EngineArgs
     from model.requests import GenerationRequest
     from model.sampling_params import SamplingParams
+    from model.transformer import DecoderLayer
 
     def build(kernels: bool) -> Engine:
         os.environ[cpu_kernels.DISABLE_ENV] = "1" if kernels else "0"
         return Engine.from_args(EngineArgs(quantization=SERVING_QUANTIZATION,
                                            torch_threads=threads, progress=False))
 
-    engines = {"pytorch": build(False), "ours": build(True)}
+    built = {"pytorch": build(False), "ours": build(True)}
+    engines = {"pytorch": built["pytorch"], "op by op": built["ours"], "fused": built["ours"]}
+    modes = tuple(engines)
     text = open(os.path.join(os.path.dirname(__file__), "data", "gpl-3.0.txt")).read()
-    ids = engines["ours"].tokenizer.encode(text)
+    ids = built["ours"].tokenizer.encode(text)
     print(f"\nengine decode steps, default model, quantization {SERVING_QUANTIZATION}, "
           f"{threads} torch threads, {prompt_len}-token prompts; 'pytorch': SDPA attention, "
-          "PyTorch's int4 kernel, fbgemm int8 head; 'ours': the ringserve kernels:")
-    print("| batch | steps each | pytorch step ms (median) | ours step ms (median) | "
-          "ours / pytorch | greedy tokens identical |")
-    print("|---|---|---|---|---|---|")
+          "PyTorch's int4 kernel, fbgemm int8 head; 'op by op': the ringserve kernels one op "
+          "at a time; 'fused': each decode layer one ringserve::decode_layer call:")
+    print("| batch | steps each | pytorch step ms (median) | op by op ms | fused ms | "
+          "fused / pytorch | fused / op by op | greedy tokens: fused = op by op, = pytorch |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in batches:
-        times: dict[str, list[float]] = {"pytorch": [], "ours": []}
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
         tokens: dict[str, list[list[int]]] = {}
-        for mode in ("ours", "pytorch", "ours", "pytorch"):  # two passes each, interleaved
-            os.environ[cpu_kernels.DISABLE_ENV] = "1" if mode == "ours" else "0"
+        for mode in modes * 2:  # two passes each, interleaved
+            os.environ[cpu_kernels.DISABLE_ENV] = "0" if mode == "pytorch" else "1"
             engine = engines[mode]
+            for layer in engine.model.layers:
+                assert isinstance(layer, DecoderLayer)
+                layer.fuse_decode = mode == "fused"
             requests = [GenerationRequest(
                 f"{mode}-{len(times[mode])}-{b}", tuple(ids[b * 7:b * 7 + prompt_len]),
                 SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
@@ -139,10 +150,16 @@ def engine_steps(batches: Sequence[int], prompt_len: int, steps: int, threads: i
                 decoding = all(len(v) > 0 for v in outs.values())
             tokens[mode] = [outs[r.request_id] for r in requests]
         os.environ.pop(cpu_kernels.DISABLE_ENV, None)
-        theirs, ours = statistics.median(times["pytorch"]), statistics.median(times["ours"])
-        same = sum(a == b for a, b in zip(tokens["pytorch"], tokens["ours"], strict=True))
-        print(f"| {batch} | {len(times['ours'])} | {theirs:.2f} | {ours:.2f} | "
-              f"{ours / theirs:.2f} | {same} of {batch} |")
+        median = {mode: statistics.median(times[mode]) for mode in modes}
+
+        def same(a: str, b: str, tokens: dict[str, list[list[int]]] = tokens) -> int:
+            return sum(x == y for x, y in zip(tokens[a], tokens[b], strict=True))
+
+        print(f"| {batch} | {len(times['fused'])} | {median['pytorch']:.2f} | "
+              f"{median['op by op']:.2f} | {median['fused']:.2f} | "
+              f"{median['fused'] / median['pytorch']:.2f} | "
+              f"{median['fused'] / median['op by op']:.2f} | "
+              f"{same('fused', 'op by op')} of {batch}, {same('fused', 'pytorch')} of {batch} |")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """CPU kernels of our own, compiled on the machine that runs them: ``ringserve::paged_decode``,
-``ringserve::int4_linear`` and ``ringserve::q8_linear``.
+``ringserve::int4_linear``, ``ringserve::q8_linear``, a decoder layer's small ops
+(``rms_norm``, ``rotary``, ``silu_mul``) and ``ringserve::decode_layer``.
 
 Why a kernel: a decode step attends once per sequence per layer. Through PyTorch that is one
 SDPA call per sequence (a ~35 us floor each, plus the Python around it): 480 calls a step at
@@ -15,6 +16,12 @@ roundings moved greedy near-ties (15 of 20 continuations as the fp32 model's). O
 GGUF's own Q4_1 / Q8_0 groups with fp32 activations and results (20 of 20), each output summed
 in a fixed order, so a row's result does not depend on the rest of the batch either, and run
 0.7-0.9x the time of PyTorch's int4 kernel at 16 rows (about its time at 1).
+
+Why the layer (``model/csrc/decode_layer.cpp``): with the linears and attention on our
+kernels, a batch-1 decode step still spent ~190 us a layer (a third of the step) on ~20 small
+PyTorch ops and the Python between them. A decode-only step with int4 projections now runs
+each layer as one call of the same kernels (bit for bit the op-by-op result); the small ops
+serve every other step (prompt chunks, other quantizations) so both ways agree.
 
 How it is built: by the C++ compiler (``$CXX``, else ``c++``) against the installed torch's
 headers, ``-O3 -march=native``, once per machine, torch version and source: the library goes
@@ -46,8 +53,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("paged_decode.cpp", "group_linear.cpp"))
+SOURCE_DIR = Path(__file__).with_name("csrc")
+SOURCES = tuple(SOURCE_DIR / name
+                for name in ("paged_decode.cpp", "group_linear.cpp", "decode_layer.cpp"))
+HEADERS = (SOURCE_DIR / "ringserve_kernels.h",)  # part of the cache key, not compiled alone
 LIBRARY_NAME = "ringserve_cpu"
 DISABLE_ENV = "RINGSERVE_CPU_KERNELS"  # "0": never build or use the kernels
 CACHE_ENV = "RINGSERVE_KERNEL_CACHE"
@@ -61,6 +70,14 @@ Int4LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
                             torch.Tensor]
 
 Q8LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+RMSNormKernel = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+RotaryKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+SiluMulKernel = Callable[[torch.Tensor], torch.Tensor]
+
+DecodeLayerKernel = Callable[..., torch.Tensor]
 
 _lock = threading.Lock()
 _load_result: bool | None = None  # set by the first _loaded() call that finds kernels enabled
@@ -98,7 +115,7 @@ def _compile_command(sources: Sequence[Path], output: Path) -> list[str]:
 
 def _library_path(sources: Sequence[Path], name: str) -> Path:
     key = hashlib.sha256()
-    for source in sources:
+    for source in (*sources, *HEADERS):
         key.update(source.read_bytes())
     for part in (torch.__version__, sys.version, _cpu_identity(), _compiler(), *CXX_FLAGS):
         key.update(part.encode())
@@ -203,13 +220,49 @@ def q8_linear() -> Q8LinearKernel | None:
     return op
 
 
+def rms_norm() -> RMSNormKernel | None:
+    """``torch.ops.ringserve.rms_norm`` or None (as :func:`paged_decode`). Signature: ``(x
+    [N, C] fp32, weight [C] fp32, eps) -> [N, C]``, C a multiple of 16."""
+    if not _loaded():
+        return None
+    op: RMSNormKernel = torch.ops.ringserve.rms_norm
+    return op
+
+
+def rotary() -> RotaryKernel | None:
+    """``torch.ops.ringserve.rotary`` or None. Signature: ``(x [T, heads, D] fp32, cos, sin
+    [T, 1, D] or [T, D]) -> [T, heads, D]`` (rotate-half), D a multiple of 32."""
+    if not _loaded():
+        return None
+    op: RotaryKernel = torch.ops.ringserve.rotary
+    return op
+
+
+def silu_mul() -> SiluMulKernel | None:
+    """``torch.ops.ringserve.silu_mul`` or None. Signature: ``(gate_up [N, 2 I] fp32) ->
+    [N, I]``: silu(gate) * up, I a multiple of 16."""
+    if not _loaded():
+        return None
+    op: SiluMulKernel = torch.ops.ringserve.silu_mul
+    return op
+
+
+def decode_layer() -> DecodeLayerKernel | None:
+    """``torch.ops.ringserve.decode_layer`` or None: a whole decoder layer for a decode step
+    (model/csrc/decode_layer.cpp; ``DecoderLayer`` in model/transformer.py calls it)."""
+    if not _loaded():
+        return None
+    op: DecodeLayerKernel = torch.ops.ringserve.decode_layer
+    return op
+
+
 def main() -> int:
     """``python -m model.cpu_kernels``: build the kernels now (``make setup`` runs this)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not kernels_enabled():
         print(f"CPU kernels turned off ({DISABLE_ENV}=0)")
         return 0
-    print("CPU kernels (decode attention, int4 and q8 linears):", "ready" if _loaded()
+    print("CPU kernels (decode attention, int4 and q8 linears, decode layer):", "ready" if _loaded()
           else "unavailable (PyTorch's ops run instead; see the warning above)")
     return 0
 

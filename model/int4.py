@@ -203,6 +203,13 @@ class Int4Projection(nn.Module):
             self._dense_t = weight.dequantize().t().to(torch.bfloat16).contiguous()
 
     @property
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(codes, d, m) in our kernel's layout (:class:`KernelInt4`), or None where PyTorch's
+        kernel holds the weight."""
+        w = self._kernel_weight
+        return None if w is None else (w.codes, w.d, w.m)
+
+    @property
     def dense(self) -> bool:
         """Whether prompt rows run through a bf16 dense copy of the weight."""
         return self._dense_t is not None

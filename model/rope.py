@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from model import cpu_kernels
+
 # Positions the cos/sin table covers at first; it doubles whenever a step goes past it.
 _INITIAL_TABLE_POSITIONS = 4096
 
@@ -55,9 +57,24 @@ class RotaryEmbedding:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, D] by cos/sin [T, 1, D] (rotate-half convention).
 
-    (Fused multiply-adds into the two halves, in place, measured slower at batch 1 than this
-    rotated copy: ops over half-row strided views vectorize poorly.)
+    On CPU with fp32 tensors and a head dim that is a multiple of 32 this is one call of
+    ``ringserve::rotary`` (model/csrc/decode_layer.cpp, the code the fused decode layer runs)
+    where the kernels are built. (Through PyTorch: fused multiply-adds into the two halves,
+    in place, measured slower at batch 1 than this rotated copy: ops over half-row strided
+    views vectorize poorly.)
     """
+    if rotary_kernel_takes(x, cos):
+        kernel = cpu_kernels.rotary()
+        if kernel is not None:
+            return kernel(x, cos, sin)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [T, heads, D]
     return x * cos + rotated * sin
+
+
+def rotary_kernel_takes(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether ``ringserve::rotary`` takes these tensors (CPU, fp32, head dim a multiple of
+    32, dense heads, contiguous tables)."""
+    return (not x.is_cuda and x.dtype == torch.float32 and cos.dtype == torch.float32
+            and x.dim() == 3 and x.shape[-1] % 32 == 0 and x.stride(-1) == 1
+            and cos.is_contiguous())

@@ -11,13 +11,14 @@ prefills that attend to their cached window plus themselves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import int4, q8
+from model import cpu_kernels, int4, q8
 from model.attention import decode_attention, decode_attention_per_slot, prefill_attention
 from model.config import ModelConfig
 from model.kv_cache import (
@@ -30,6 +31,7 @@ from model.kv_cache import (
 )
 from model.paged_cache import (
     PagedChunk,
+    PagedDecode,
     PagedKVCache,
     PagedPlan,
     paged_layer_attention,
@@ -46,6 +48,24 @@ from model.quantization import (
 )
 from model.rope import RotaryEmbedding, apply_rotary
 
+_UNKNOWN = object()  # a DecoderLayer's fused weights before its first decode step
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the halves of a [N, 2 I] gate/up result -> [N, I].
+
+    On CPU in fp32 one ``ringserve::silu_mul`` call (the code the fused decode layer runs)
+    where the kernels are built; else one new [N, I] buffer (silu's) multiplied in place (an
+    in-place silu on the strided half-view measured slower at batch 1).
+    """
+    if (not gate_up.is_cuda and gate_up.dtype == torch.float32 and gate_up.dim() == 2
+            and gate_up.shape[-1] % 32 == 0 and gate_up.stride(-1) == 1):
+        kernel = cpu_kernels.silu_mul()
+        if kernel is not None:
+            return kernel(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 as the reference implementation does."""
@@ -57,7 +77,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one fused kernel, weight included, no dtype round trip (the CPU path)
+            if not x.is_cuda and x.dim() == 2 and x.shape[-1] % 16 == 0:
+                # ours (the code the fused decode layer runs): ~1 us where F.rms_norm's CPU
+                # form is five ops, ~13 us at batch 1
+                kernel = cpu_kernels.rms_norm()
+                if kernel is not None:
+                    return kernel(x, self.weight, self.eps)
+            # one fused kernel, weight included, no dtype round trip
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
@@ -80,7 +106,14 @@ class Projection(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention block and SwiGLU block; q/k/v and gate/up projections are fused."""
+    """Pre-norm attention block and SwiGLU block; q/k/v and gate/up projections are fused.
+
+    A decode-only step on CPU with int4 projections on our kernel runs the whole layer as one
+    ``ringserve::decode_layer`` call (``fuse_decode``; False runs the same kernels op by op,
+    for benchmarks: the results are the same bit for bit).
+    """
+
+    fuse_decode = True
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -93,11 +126,19 @@ class DecoderLayer(nn.Module):
         self.o_proj = Projection(config.q_size, hidden)
         self.gate_up_proj = Projection(hidden, 2 * config.intermediate_size)
         self.down_proj = Projection(config.intermediate_size, hidden)
+        # fused_weights() once the weights are final (the loaders replace the projections)
+        self._fused: tuple[list[torch.Tensor], ...] | None | object = _UNKNOWN
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 plan: CachePlan | PagedPlan | None, cache: KVCachePool | PagedKVCache | None
                 ) -> torch.Tensor:
         """x: [N, hidden] for all chunks' tokens, concatenated in chunk order."""
+        if (self.fuse_decode and isinstance(plan, PagedPlan) and plan.decode is not None
+                and plan.decode.covers_batch and x.dtype == torch.float32 and not x.is_cuda):
+            assert isinstance(cache, PagedKVCache)
+            fused = self._fused_decode(x, cos, sin, plan.decode, cache)
+            if fused is not None:
+                return fused
         cfg = self.config
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(x))  # [N, (H + 2 KVH) D]
@@ -109,10 +150,43 @@ class DecoderLayer(nn.Module):
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)  # [N, KVH, D]
         attn = self._attention(q, k, v, plan, cache)  # [N, H, D]
         x = self.o_proj(attn.reshape(num_tokens, cfg.q_size)).add_(x)  # residual
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        # SwiGLU: one new [N, I] buffer (silu's), multiplied in place; an in-place silu on
-        # the strided half-view measured slower at batch 1
-        return self.down_proj(F.silu(gate).mul_(up)).add_(x)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))  # [N, 2 I]
+        return self.down_proj(swiglu(gate_up)).add_(x)
+
+    def fused_weights(self) -> tuple[list[torch.Tensor], ...] | None:
+        """The int4 kernel weights of (q/k/v, o, gate/up, down) when every projection has them
+        and the layer's shapes suit ``ringserve::decode_layer``; else None."""
+        cfg = self.config
+        projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        weights = [p.kernel_weights if isinstance(p, int4.Int4Projection) else None
+                   for p in projections]
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        if (any(w is None for w in weights) or cfg.head_dim % 32 or cfg.hidden_size % 16
+                or cfg.intermediate_size % 16
+                or any(n.dtype != torch.float32 or n.is_cuda for n in norms)):
+            return None
+        return tuple(list(w) for w in weights if w is not None)
+
+    def _fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      decode: PagedDecode, cache: PagedKVCache) -> torch.Tensor | None:
+        """A decode-only step's layer in one ``ringserve::decode_layer`` call (CPU, fp32, int4
+        projections on our kernel, paged cache); None where it does not apply. Its result is
+        bit for bit the one the layer's ops give one by one (the same kernels)."""
+        kernel = cpu_kernels.decode_layer()
+        if kernel is None:
+            return None
+        if self._fused is _UNKNOWN:
+            self._fused = self.fused_weights()
+        weights = self._fused
+        if not isinstance(weights, tuple) or not cos.is_contiguous():
+            return None
+        qkv, o, gate_up, down = weights
+        k_rows, v_rows = cache.rows(self.layer_index)
+        bounds, offsets = decode.run_table
+        return kernel(x, self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                      self.input_layernorm.eps, qkv, o, gate_up, down, cos, sin, k_rows, v_rows,
+                      decode.write_rows, bounds, offsets, self.config.num_heads,
+                      1.0 / math.sqrt(self.config.head_dim))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    plan: CachePlan | PagedPlan | None, cache: KVCachePool | PagedKVCache | None

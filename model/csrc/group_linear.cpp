@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ringserve_kernels.h"
+
 #include <immintrin.h>
 
 #include <cstdint>
@@ -188,8 +190,10 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   });
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d,
-                       const at::Tensor& m) {
+}  // namespace
+
+at::Tensor ringserve::int4_linear(const at::Tensor& x, const at::Tensor& codes,
+                                  const at::Tensor& d, const at::Tensor& m) {
   check_x(x, codes, 8, "int4_linear");
   TORCH_CHECK(codes.scalar_type() == at::kByte, "int4_linear: codes uint8");
   check_scales(d, codes, "int4_linear");
@@ -203,7 +207,6 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
     return Int4Block{cp + b * K * 8, dp + g, mp + g, vf{}, vf{}};
   });
 }
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ringserve, lib) {
   lib.def("int4_linear(Tensor x, Tensor codes, Tensor d, Tensor m) -> Tensor");
@@ -211,6 +214,6 @@ TORCH_LIBRARY_FRAGMENT(ringserve, lib) {
 }
 
 TORCH_LIBRARY_IMPL(ringserve, CPU, lib) {
-  lib.impl("int4_linear", &int4_linear);
+  lib.impl("int4_linear", &ringserve::int4_linear);
   lib.impl("q8_linear", &q8_linear);
 }

@@ -16,61 +16,23 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ringserve_kernels.h"
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 namespace {
-constexpr int LANES = 16;
 constexpr int MAX_GROUP = 16;     // query heads per KV head
 constexpr int MAX_DIM_VECS = 16;  // head dim <= 16 * LANES = 256
 // below this many (row, KV head) pairs in the whole step, one thread: a second thread's
 // fork and join cost more than the work (a batch-1 step over a 250-token window is 750)
 constexpr int64_t PARALLEL_MIN_ROW_HEADS = 4096;
 
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
-typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
-typedef float vf2 __attribute__((vector_size(2 * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+using namespace ringserve::simd;
+}  // namespace
 
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
-
-// the lanes' sum by a fixed tree (halves, quarters, ...): the same order on every call
-inline float lane_sum(vf v) {
-  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) +
-                __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  const vf2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
-  return c[0] + c[1];
-}
-
-// exp(x) lane by lane for x <= 0 (scores minus their max): 2^n p(r), r = x - n ln2 (ln2 in
-// two parts), p the degree-6 Taylor-fitted polynomial of Cephes' expf (relative error ~2e-7);
-// x below -87 is taken as -87 (exp ~1.6e-38, a weight that vanishes beside the max's 1)
-inline vf exp_nonpositive(vf x) {
-  const vf lowest = splat(-87.0f);
-  x = x < lowest ? lowest : x;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (x * 1.44269504088896341f + shifter) - shifter;
-  vf r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vf p = splat(1.98756912e-4f);
-  p = p * r + 1.39819730e-3f;
-  p = p * r + 8.33345205e-3f;
-  p = p * r + 4.16657962e-2f;
-  p = p * r + 1.66666657e-1f;
-  p = p * r + 5.0e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
-}
-
+namespace ringserve {
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at::Tensor& v_rows,
                         const at::Tensor& run_bounds, const at::Tensor& seq_offsets,
                         double scale) {
@@ -156,7 +118,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at:
         float* s = scores.data() + g * padded;
         float top = s[0];
         for (int64_t i = 1; i < length; ++i) top = s[i] > top ? s[i] : top;
-        for (int64_t i = 0; i < padded; i += LANES) store(s + i, exp_nonpositive(load(s + i) - top));
+        for (int64_t i = 0; i < padded; i += LANES) store(s + i, exp_clamped(load(s + i) - top));
         for (int64_t i = length; i < padded; ++i) s[i] = 0.0f;  // padding weighs nothing
         vf total = vf{};
         for (int64_t i = 0; i < padded; i += LANES) total += load(s + i);
@@ -180,11 +142,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_rows, const at:
   });
   return out;
 }
-}  // namespace
+}  // namespace ringserve
 
 TORCH_LIBRARY(ringserve, m) {
   m.def("paged_decode(Tensor q, Tensor k_rows, Tensor v_rows, Tensor run_bounds, "
         "Tensor seq_offsets, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ringserve, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(ringserve, CPU, m) { m.impl("paged_decode", &ringserve::paged_decode); }

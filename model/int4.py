@@ -120,10 +120,10 @@ KERNEL_BLOCK = 16  # outputs per block of ringserve::int4_linear's layout
 @dataclass(frozen=True)
 class KernelInt4:
     """An :class:`Int4Weight` in the layout of our kernel ``ringserve::int4_linear``
-    (model/csrc/group_linear.cpp): codes [N / 16, K, 8] uint8 (byte j of block b, input k: the
-    codes of outputs 16 b + j, low nibble, and 16 b + j + 8, high nibble) and d, m
-    [N / 16, K / 32, 16] fp16 with ``W = d * code + m`` (GGUF Q4_1's form: a Q4_1 file's fp16
-    d and m come through exactly)."""
+    (model/csrc/group_linear.cpp): codes [N / 16, K / 2, 16] uint8 (byte j of block b, input
+    pair p: output 16 b + j's codes of inputs 2 p, low nibble, and 2 p + 1, high nibble) and
+    d, m [N / 16, K / 32, 16] fp16 with ``W = d * code + m`` (GGUF Q4_1's form: a Q4_1 file's
+    fp16 d and m come through exactly)."""
 
     codes: torch.Tensor
     d: torch.Tensor
@@ -134,8 +134,7 @@ class KernelInt4:
         out, in_features = weight.codes.shape
         blocks, groups = out // KERNEL_BLOCK, in_features // GROUP_SIZE
         codes = weight.codes.view(blocks, KERNEL_BLOCK, in_features).permute(0, 2, 1)  # [NB, K, 16]
-        half = KERNEL_BLOCK // 2
-        packed = (codes[..., :half] | (codes[..., half:] << 4)).contiguous()  # [NB, K, 8]
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()  # [NB, K / 2, 16]
 
         def per_block(t: torch.Tensor) -> torch.Tensor:  # [N, K / G] -> [NB, K / G, 16] fp16
             return t.view(blocks, KERNEL_BLOCK, groups).permute(0, 2, 1).to(
@@ -145,10 +144,11 @@ class KernelInt4:
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [N, K] the kernel computes with (d and m as fp16)."""
-        blocks, in_features, _ = self.codes.shape
-        out = blocks * KERNEL_BLOCK
-        codes = torch.cat((self.codes & 15, self.codes >> 4), dim=2)  # [NB, K, 16]
-        codes = codes.permute(0, 2, 1).reshape(out, in_features // GROUP_SIZE, GROUP_SIZE)
+        blocks, pairs, _ = self.codes.shape
+        out, in_features = blocks * KERNEL_BLOCK, 2 * pairs
+        codes = torch.stack((self.codes & 15, self.codes >> 4), dim=2)  # [NB, K / 2, 2, 16]
+        codes = codes.reshape(blocks, in_features, KERNEL_BLOCK).permute(0, 2, 1)  # [NB, 16, K]
+        codes = codes.reshape(out, in_features // GROUP_SIZE, GROUP_SIZE)
 
         def per_row(t: torch.Tensor) -> torch.Tensor:  # [NB, K / G, 16] -> [N, K / G, 1]
             return t.permute(0, 2, 1).reshape(out, -1, 1).float()

@@ -27,7 +27,7 @@ How it is built: by the C++ compiler (``$CXX``, else ``c++``) against the instal
 headers, ``-O3 -march=native``, once per machine, torch version and source: the library goes
 to ``$RINGSERVE_KERNEL_CACHE`` (default ``~/.cache/ringserve/kernels``) under a hash of all
 three, built under a file lock and moved into place whole, so replicas starting together build
-it once. About 15 s on 2 cores; ``make setup`` builds it ahead. Where it cannot be built (no
+it once. About 30-50 s on 2 cores; ``make setup`` builds it ahead. Where it cannot be built (no
 compiler, an unsupported platform) or ``RINGSERVE_CPU_KERNELS=0`` is set, :func:`paged_decode`
 is None and attention takes its PyTorch path (one warning says why).
 """
@@ -145,7 +145,7 @@ def build_library(sources: Sequence[Path] = SOURCES, name: str = LIBRARY_NAME) -
             return library
         if shutil.which(_compiler()) is None:
             raise RuntimeError(f"no C++ compiler {_compiler()!r} on PATH (set CXX)")
-        logger.info("building CPU kernels %s (once per machine and torch version, ~20 s)",
+        logger.info("building CPU kernels %s (once per machine and torch version, ~30-50 s)",
                     name)
         started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=library.parent) as scratch:

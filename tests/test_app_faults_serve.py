@@ -43,7 +43,7 @@ PORT = 8125
 SLOTS, QUEUE, REPLICAS = 4, 4, 2
 HEALTH_PERIOD_S = 2.0
 ORPHAN_TIMEOUT_S = 5.0
-SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_len=512",
+SERVER_ARGS = [f"num_replicas={REPLICAS}", f"max_num_seqs={SLOTS}", "max_model_len=2048",
                f"max_waiting_per_replica={QUEUE}", f"health_check_period_s={HEALTH_PERIOD_S}",
                f"orphan_timeout_s={ORPHAN_TIMEOUT_S}", "batch_window_ms=5",
                "replica_num_cpus=0.5", "router_num_cpus=0.25"]
@@ -79,16 +79,19 @@ def _wait_health(base: str, healthy: int, timeout_s: float) -> float:
 
 def test_killing_one_of_two_replicas_loses_only_its_started_streams(
         serve: ServeInstance) -> None:
-    running_tokens, queued_tokens = 80, 8
+    # Running streams long enough to be still running when the kill lands: at 80 tokens the
+    # faster int4 engine (~3 s per stream) sometimes finished them all before both replicas'
+    # polled loads showed a queued request, and the kill then hit no started stream.
+    running_tokens, queued_tokens = 400, 8
 
     async def until(http: httpx.AsyncClient, tasks: list[asyncio.Task[StreamResult]],
                     ready: Any) -> list[dict[str, Any]]:
         began = time.monotonic()
         while True:
             load = (await http.get("/load")).json()["replicas"]
+            assert time.monotonic() - began < 60 and not any(t.done() for t in tasks), load
             if ready(load):
                 return list(load)
-            assert time.monotonic() - began < 60 and not any(t.done() for t in tasks), load
             await asyncio.sleep(0.05)
 
     async def main() -> tuple[list[StreamResult], list[StreamResult], float, str]:
@@ -166,9 +169,10 @@ def test_killing_the_router_replica_aborts_its_streams_then_new_requests_succeed
     """A stream in flight through the router when it dies fails (connection or error). Ray
     does not cancel a replica's stream when its caller dies, so the LLM replica notices the
     router's silence (no load poll for orphan_timeout_s) and aborts the sequence: it never
-    runs its 500 tokens. Once Serve has started a new router, requests succeed."""
+    runs its 2000 tokens (at 500 the faster int4 engine, ~10 ms a token alone, sometimes
+    finished it before the orphan timeout noticed). Once Serve has started a new router, requests succeed."""
     router = serve.serve_process("ServeReplica:default:Router")
-    orphan_tokens = 500
+    orphan_tokens = 2000
     before = len(_orphan_lines(serve))
 
     async def stream_then_kill() -> StreamResult | BaseException:

@@ -170,7 +170,8 @@ def test_killing_the_router_replica_aborts_its_streams_then_new_requests_succeed
     does not cancel a replica's stream when its caller dies, so the LLM replica notices the
     router's silence (no load poll for orphan_timeout_s) and aborts the sequence: it never
     runs its 2000 tokens (at 500 the faster int4 engine, ~10 ms a token alone, sometimes
-    finished it before the orphan timeout noticed). Once Serve has started a new router, requests succeed."""
+    finished it before the orphan timeout noticed). Once Serve has started a new router,
+    requests succeed."""
     router = serve.serve_process("ServeReplica:default:Router")
     orphan_tokens = 2000
     before = len(_orphan_lines(serve))

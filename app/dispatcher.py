@@ -121,6 +121,7 @@ class Ticket:
     queue: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     sent: bool = False
     started: bool = False  # an engine event arrived
+    started_at: float | None = None  # when (router clock) the first engine event arrived
     got_token: bool = False  # a generated token arrived
     closed: bool = False  # finished, failed or cancelled
     finished_choices: int = 0
@@ -427,7 +428,8 @@ class Dispatcher:
         if self._metrics:
             self._record(ticket, event)
         if not ticket.started:
-            self.board.started(ticket.request_id, time.monotonic())
+            ticket.started_at = time.monotonic()
+            self.board.started(ticket.request_id, ticket.started_at)
         ticket.started = True
         ticket.queue.put_nowait(event)
         if isinstance(event, ItemError):

@@ -79,6 +79,7 @@ class Generation:
                       ) -> list[list[ChoiceState]]:
         choices = await streams.gather(tickets, self.dispatcher.cancel)
         response.headers[streams.REPLICA_HEADER] = streams.served_by(tickets)
+        response.headers[streams.QUEUE_HEADER] = streams.queue_ms(tickets)
         return choices
 
     # Completions ------------------------------------------------------------------------

@@ -29,6 +29,11 @@ from app.llm_server import merge_chunks
 from model.requests import GenerationChunk
 
 REPLICA_HEADER = "X-Ringserve-Replica"  # which LLM replica(s) served the answer
+# Milliseconds from the router's arrival of the request to its first engine event (the
+# longest over its prompts): the server's share of the time to first token, which the
+# admission promise (max_queue_wait_s plus about one prefill) bounds; the rest of a client's
+# TTFT is the HTTP path (proxy, network, the client itself).
+QUEUE_HEADER = "X-Ringserve-Queue-Ms"
 Cancel = Callable[[Ticket], None]
 # (position of the ticket in the request, the chunk, its choice's state with it added) -> SSE
 Render = Callable[[int, GenerationChunk, ChoiceState], str]
@@ -66,6 +71,13 @@ def served_by(tickets: Sequence[Ticket]) -> str:
     """The :data:`REPLICA_HEADER` value: the replicas that ran the tickets (known once each
     has started: a ticket moves when its planned replica vanished)."""
     return ",".join(sorted({t.replica_id for t in tickets}))
+
+
+def queue_ms(tickets: Sequence[Ticket]) -> str:
+    """The :data:`QUEUE_HEADER` value, once every ticket has started (else of those that
+    have: a stream's headers go out with its first event)."""
+    waits = [t.started_at - t.arrival for t in tickets if t.started_at is not None]
+    return str(round(1000 * max(waits))) if waits else "0"
 
 
 async def merged(tickets: Sequence[Ticket]
@@ -204,7 +216,8 @@ async def stream(tickets: Sequence[Ticket], cancel: Cancel, render: Render,
 
     return TicketStream(body(), on_close=cancel_all, media_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                 REPLICA_HEADER: served_by(tickets)})
+                                 REPLICA_HEADER: served_by(tickets),
+                                 QUEUE_HEADER: queue_ms(tickets)})
 
 
 class TicketStream(StreamingResponse):

@@ -124,9 +124,10 @@ def test_burst_is_spread_over_both_replicas(server: str) -> None:
 
 
 def test_overload_sheds_with_retry_after_and_finishes_the_rest(server: str) -> None:
-    single = httpx.post(f"{server}/v1/completions", timeout=120, json={
+    lone = httpx.post(f"{server}/v1/completions", timeout=120, json={
         "model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
-        "ignore_eos": True}).json()["choices"][0]["text"]
+        "ignore_eos": True})
+    single = lone.json()["choices"][0]["text"]
     responses = asyncio.run(_burst(server, 4 * SLOTS * REPLICAS, 16))
     codes = [r.status_code for r in responses]
     assert not [c for c in codes if c >= 500], codes
@@ -142,6 +143,16 @@ def test_overload_sheds_with_retry_after_and_finishes_the_rest(server: str) -> N
         assert choice["finish_reason"] == "length"
         assert r.json()["usage"]["completion_tokens"] == 16
         assert choice["text"] == single
+    # X-Ringserve-Queue-Ms: the router's arrival -> first engine event, within what the
+    # client waited. The burst filled the slots and queued the rest: those waited for a
+    # first-wave sequence to run its 16 tokens (at least about what the lone one's took).
+    queued_ms = [int(r.headers["x-ringserve-queue-ms"]) for r in done]
+    for r, ms in zip(done, queued_ms, strict=True):
+        assert 0 <= ms <= 1000 * r.elapsed.total_seconds(), (ms, r.elapsed)
+    lone_decode_ms = 1000 * lone.elapsed.total_seconds() - int(
+        lone.headers["x-ringserve-queue-ms"])
+    if len(done) > SLOTS * REPLICAS:
+        assert max(queued_ms) >= 0.5 * lone_decode_ms, (sorted(queued_ms), lone_decode_ms)
 
 
 def test_stream_disconnect_frees_the_slot(server: str) -> None:
@@ -150,7 +161,8 @@ def test_stream_disconnect_frees_the_slot(server: str) -> None:
     with httpx.Client(base_url=server, timeout=60) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
-            lines = response.iter_lines()
+            assert int(response.headers["x-ringserve-queue-ms"]) >= 0  # headers go out with
+            lines = response.iter_lines()  # the first engine event: the wait is known
             started = time.monotonic()
             for line in lines:  # stream until the router's polls show the sequence running
                 assert time.monotonic() - started < 30 and line != "data: [DONE]"
